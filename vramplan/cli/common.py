@@ -1,0 +1,53 @@
+"""Options shared by estimate/fit/table and the conversion of parsed options into specs."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from typing import Any
+
+from vramplan.specs import (ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, QUANTS, SHARDS, SpecError,
+                            TrainSpec)
+
+UserError = SpecError  # every user-facing input error is a SpecError (exit 2, one line)
+DEFAULTS = TrainSpec()
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps epilog examples as written and prints every default."""
+
+
+def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> None:
+    """The training-setup flags of the CLI contract (defaults: the seed's QLoRA recipe)."""
+    d = DEFAULTS
+    g = p.add_argument_group("training setup")
+    g.add_argument("--method", choices=METHODS, default=d.method)
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    g.add_argument("--batch", type=int, default=d.batch, help="micro-batch size per GPU")
+    g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--lora-targets", default=d.lora_targets,
+                   help="all-linear, attn, or a comma list such as q_proj,v_proj")
+    g.add_argument("--quant", choices=QUANTS, default=d.quant, help="QLoRA base-weight format")
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant,
+                   help="quantise the 4-bit absmax constants again (QLoRA §3)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="default: paged_adamw_32bit for qlora, adamw otherwise")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="mixed = bf16 autocast with fp32 trainable weights (HF Trainer bf16=True)")
+    g.add_argument("--attn", choices=ATTENTIONS, default=d.attn)
+    g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=d.grad_ckpt,
+                   help="gradient checkpointing")
+    if sharding:
+        g.add_argument("--shard", choices=SHARDS, default=d.shard,
+                       help="ZeRO stage or FSDP full sharding across --num-gpus")
+        g.add_argument("--num-gpus", type=int, default=d.num_gpus)
+
+
+def train_from_args(args: argparse.Namespace, **override: Any) -> TrainSpec:
+    """TrainSpec from parsed options (raises SpecError on impossible setups)."""
+    names = {f.name for f in fields(TrainSpec)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values.update(override)
+    return TrainSpec(**values)

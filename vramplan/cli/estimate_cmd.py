@@ -1,0 +1,69 @@
+"""`vramplan estimate` and `vramplan profiles`: never imports torch, pandas or matplotlib."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vramplan.cli.common import Formatter, add_train_options, train_from_args
+
+EXAMPLES = """examples:
+  vramplan estimate llama-2-70b                       # the seed's QLoRA recipe, seq 2048
+  vramplan estimate llama-3.1-8b --method lora --seq-len 4096 --gpu rtx-4090
+  vramplan estimate ./my-model/config.json --method full --optimizer adamw_8bit --json
+MODEL is a shipped profile name (see `vramplan profiles`), a config.json path or folder, or a hub
+id (only its config.json is fetched)."""
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate", help="peak memory of one training setup, term by term",
+                       description="Peak memory of one fine-tuning step at three levels "
+                                   "(allocated, reserved, device total), with every term named.",
+                       epilog=EXAMPLES, formatter_class=Formatter)
+    p.add_argument("model", metavar="MODEL")
+    add_train_options(p, sharding=False)
+    p.add_argument("--gpu", help="catalog GPU to compare with (see `vramplan fit`)")
+    p.add_argument("--calibration", default="default", help="profiles/calibration/NAME.toml")
+    p.add_argument("--json", action="store_true", help="print the JSON contract object")
+    p.add_argument("--max-gib", type=float, help="exit 1 when the device total exceeds this")
+    p.set_defaults(func=run_estimate)
+
+    q = sub.add_parser("profiles", help="list the shipped model profiles",
+                       formatter_class=Formatter)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=run_profiles)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from vramplan.model.estimate import estimate
+    from vramplan.profiles import load_calibration, load_gpu, load_model
+    from vramplan.report.breakdown import render_json, render_text
+
+    model = load_model(args.model)
+    train = train_from_args(args)
+    gpu = load_gpu(args.gpu) if args.gpu else None
+    est = estimate(model, train, load_calibration(args.calibration))
+    print(render_json(est, gpu) if args.json else render_text(est, gpu))
+    if args.max_gib is not None and est.device_total_bytes > args.max_gib * 2**30:
+        return 1
+    return 0
+
+
+def run_profiles(args: argparse.Namespace) -> int:
+    from vramplan.model.params import total_params
+    from vramplan.profiles import list_models, load_model
+
+    rows = []
+    for name in list_models():
+        m = load_model(name)
+        rows.append({"name": name, "model_type": m.model_type, "params": total_params(m),
+                     "layers": m.num_hidden_layers, "hidden_size": m.hidden_size,
+                     "vocab_size": m.vocab_size})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<18} {'type':<8} {'params':>17} {'layers':>6} {'hidden':>6} {'vocab':>7}")
+    for r in rows:
+        print(f"{r['name']:<18} {r['model_type']:<8} {r['params']:>17,} {r['layers']:>6} "
+              f"{r['hidden_size']:>6} {r['vocab_size']:>7}")
+    return 0

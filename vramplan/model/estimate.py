@@ -1,0 +1,77 @@
+"""Composition only: gather the terms of a setup and evaluate the three peak levels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from vramplan.model import activations, optim, overhead, weights
+from vramplan.model.dtypes import dtypes_for
+from vramplan.model.params import total_params, trainable_params
+from vramplan.model.terms import PHASES, Breakdown
+from vramplan.specs import ModelSpec, TrainSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """A breakdown plus its three levels and the phase that sets the peak."""
+
+    model: ModelSpec
+    train: TrainSpec
+    device: str
+    breakdown: Breakdown
+    params_total: int
+    params_trainable: int
+    phase_bytes: Mapping[str, int]
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_total_bytes: int
+
+
+def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str = "cuda") -> Estimate:
+    """Estimate one training step's peak memory.
+
+    Peak semantics (phase model): live bytes are summed per phase (forward end, loss backward,
+    first layer backward, optimizer step) over the terms live in it; peak allocated is the largest.
+    Reserved adds allocator slack; the device total adds the CUDA context and paged optimizer states.
+    """
+    d = dtypes_for(t, device)
+    terms = (*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
+             *optim.gradient_terms(m, t, d), *optim.optimizer_terms(m, t, d, device),
+             *activations.activation_terms(m, t, d), *overhead.workspace_term(calib, device))
+    base = Breakdown(terms)
+    phases = {p: base.phase_bytes(p) for p in PHASES}
+    peak_phase = max(PHASES, key=lambda p: phases[p])
+    peak_alloc = phases[peak_phase]
+    slack = overhead.allocator_slack_term(calib, peak_alloc, device)
+    full = Breakdown((*terms, *slack, *overhead.context_term(calib, device)),
+                     inputs={"model": m.name, **t.as_dict(), "device": device},
+                     notes=notes_for(m, t, calib, device))
+    reserved = peak_alloc + sum(x.nbytes for x in slack)
+    device_total = reserved + sum(x.nbytes for x in full.terms if x.level == "device")
+    return Estimate(m, t, device, full, total_params(m), trainable_params(m, t), phases, peak_phase,
+                    peak_alloc, reserved, device_total)
+
+
+def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str) -> tuple[str, ...]:
+    """Assumptions printed under every estimate."""
+    notes = []
+    if device == "cuda" and calib.get("status") == "provisional":
+        notes.append("runtime constants (CUDA context, cuBLAS workspace, allocator slack) are "
+                     "PROVISIONAL: not yet fitted on GPU measurements")
+    if t.method == "qlora":
+        notes.append("QLoRA pipeline: from_pretrained(BitsAndBytesConfig) -> "
+                     "prepare_model_for_kbit_training (fp32 embeddings/norms/lm_head) -> get_peft_model")
+    if t.precision == "mixed":
+        notes.append("mixed = bf16 autocast around the forward (HF Trainer bf16=True)")
+    if m.is_moe:
+        notes.append("MoE experts are fused 3-D parameters in transformers 5.x: not quantised, "
+                     "not LoRA targets")
+    if t.attn != "eager":
+        notes.append(f"{t.attn}: no s x s score matrix is saved (logsumexp only)")
+    if t.resolved_optimizer == "adamw":
+        notes.append("adamw = torch AdamW fused (HF Trainer default adamw_torch_fused): no step temporaries")
+    if t.shard != "none":
+        notes.append(f"sharding {t.shard} over {t.num_gpus} GPUs is applied by the planner")
+    return tuple(notes)

@@ -1,0 +1,210 @@
+"""A per-token ledger of the tensors autograd saves in one decoder layer.
+
+The forward of an HF decoder layer is replayed symbolically: each tensor is (name, width per token,
+bytes per element); each op records what its backward keeps (``ctx.save_for_backward`` /
+``SavedVariable``), exactly as the op-by-op reading in PHYSICS-REFERENCE §5.1 and §8 lists it.
+Tensors are deduplicated by name, so an input shared by q/k/v is counted once while per-module cast
+copies (peft's ``_cast_input_dtype``, autocast's casts of activations) are counted per module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vramplan.model.dtypes import Dtypes
+from vramplan.model.params import Linear, layer_linears
+from vramplan.specs import ModelSpec, TrainSpec
+
+FP32 = 4
+
+
+@dataclass(frozen=True, slots=True)
+class T:
+    """A symbolic activation: `width` elements per token of `e` bytes each."""
+
+    name: str
+    width: int
+    e: int
+
+
+@dataclass(slots=True)
+class Ledger:
+    """Saved tensors by name, in bytes per token."""
+
+    saved: dict[str, int] = field(default_factory=dict)
+
+    def save(self, t: T) -> None:
+        self.saved[t.name] = t.width * t.e
+
+    def bytes_per_token(self) -> int:
+        return sum(self.saved.values())
+
+
+def cast(x: T, e: int, name: str) -> T:
+    """``x.to(dtype)``: the same tensor when the dtype already matches, else a new copy."""
+    return x if x.e == e else T(name, x.width, e)
+
+
+def promote(*es: int) -> int:
+    """Result dtype of an elementwise op on mixed float dtypes (fp32 wins)."""
+    return max(es)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCtx:
+    """What the replay needs: the model, the setup and its resolved dtypes."""
+
+    m: ModelSpec
+    t: TrainSpec
+    d: Dtypes
+
+    @property
+    def base(self) -> str:
+        return {"full": "train", "lora": "frozen", "qlora": "4bit"}[self.t.method]
+
+    def adapted(self, lin: Linear) -> bool:
+        targets = self.t.target_modules()
+        return self.t.method != "full" and (targets is None or lin.name in targets)
+
+
+def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
+    """Forward of one (possibly LoRA-wrapped) linear; returns its output.
+
+    - trainable nn.Linear saves its input (under autocast: the bf16 cast of it);
+    - frozen nn.Linear and bnb Linear4bit save nothing (MatMul4Bit keeps no input since bnb 0.43.2,
+      PR #1270); Linear4bit returns ``.to(inp_dtype)``;
+    - LoRA: peft casts x to the adapter dtype (always in ``lora/layer.py::Linear``; only without
+      autocast in ``lora/bnb.py::Linear4bit``), applies dropout (saving its mask), lora_A saves its
+      input, lora_B saves lora_A's output (r per token).
+    """
+    d = c.d
+    if c.base == "train":
+        led.save(cast(x, d.compute, f"{lin.name}.in_cast") if d.autocast else x)
+        out_e = d.compute if d.autocast else d.load
+    elif c.base == "frozen":
+        out_e = d.compute if d.autocast else d.load
+    else:
+        out_e = x.e
+    if c.adapted(lin):
+        lora_branch(c, led, x, lin)
+    return T(f"{lin.name}.out", lin.out_features, out_e)
+
+
+def lora_branch(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> None:
+    """What one LoRA adapter keeps for backward (peft ``tuners/lora``)."""
+    d = c.d
+    converts = c.base != "4bit" or not d.autocast
+    xa = cast(x, FP32, f"{lin.name}.lora_cast") if converts else x
+    if c.t.lora_dropout > 0:
+        led.save(T(f"{lin.name}.dropout_mask", xa.width, 1 if d.bool_dropout_mask else xa.e))
+        xa = T(f"{lin.name}.dropout_out", xa.width, xa.e)
+    if d.autocast:
+        xa = cast(xa, d.compute, f"{lin.name}.lora_A_in")
+    led.save(xa)
+    led.save(T(f"{lin.name}.lora_A_out", c.t.lora_r, d.compute if d.autocast else FP32))
+
+
+def rmsnorm(c: LayerCtx, led: Ledger, x: T, name: str, rows: int = 1) -> T:
+    """RMSNorm saves an fp32 view of x (x itself when fp32) and rsqrt; a trainable weight also
+    saves the normalised input. Llama style returns weight·y (promoted dtype); Gemma style returns
+    ``type_as(x)``. Ref: ``LlamaRMSNorm.forward``, ``Gemma2RMSNorm.forward``."""
+    gemma = c.m.model_type in ("gemma", "gemma2")
+    led.save(cast(x, FP32, f"{name}.x32"))
+    led.save(T(f"{name}.rsqrt", rows, FP32))
+    trainable = c.t.method == "full"
+    w_e = c.d.trainable if trainable else c.d.nonquant
+    if trainable:
+        led.save(T(f"{name}.normed", x.width, FP32 if gemma else x.e))
+    return T(f"{name}.out", x.width, x.e if gemma else promote(w_e, x.e))
+
+
+def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
+    """Self-attention: projections, optional q/k norms, RoPE, SDPA/FA2 or eager, o_proj.
+
+    RoPE (``q*cos + rotate_half(q)*sin``) saves only cos/sin (shared, counted once per forward);
+    SDPA/FA2 save q, k, v, the output and an fp32 logsumexp of nh per token, with GQA k/v unrepeated
+    (transformers ``use_gqa_in_sdpa`` with no mask); eager repeats k/v and saves the fp32 softmax
+    and its cast copy (nh·s each). HF makes the SDPA output contiguous before o_proj (a new tensor).
+    """
+    m, d = c.m, c.d
+    if m.fused_qkv:
+        qkv = linear(c, led, x, lins["qkv_proj"])
+        q, k, v = (T(qkv.name, m.q_dim, qkv.e), T(qkv.name, m.kv_dim, qkv.e),
+                   T(qkv.name, m.q_dim + 2 * m.kv_dim, qkv.e))  # v is a view: keeps all of qkv
+    else:
+        q, k, v = (linear(c, led, x, lins[n]) for n in ("q_proj", "k_proj", "v_proj"))
+    if m.qk_norm:
+        q = rmsnorm(c, led, q, "q_norm", rows=m.num_attention_heads)
+        k = rmsnorm(c, led, k, "k_norm", rows=m.num_key_value_heads)
+    cos_e = d.nonquant  # cos/sin follow the embedding output dtype
+    q = T("q_rope", m.q_dim, promote(q.e, cos_e))
+    k = T("k_rope", m.kv_dim, promote(k.e, cos_e))
+    if d.autocast:
+        q, k = cast(q, d.compute, "q_sdpa"), cast(k, d.compute, "k_sdpa")
+        v = cast(v, d.compute, "v_sdpa")
+    e = q.e
+    if c.t.attn == "eager":
+        k, v = T("k_repeat", m.q_dim, e), T("v_repeat", m.q_dim, e)
+        s, nh = c.t.seq_len, m.num_attention_heads
+        led.save(T("attn_probs_fp32", nh * s, FP32))
+        led.save(T("attn_probs", nh * s, e))
+    else:
+        led.save(T("attn_lse", m.num_attention_heads, FP32))
+    for t in (q, k, v):
+        led.save(t)
+    led.save(T("attn_out", m.q_dim, e))
+    return linear(c, led, T("attn_out_contig", m.q_dim, e), lins["o_proj"])
+
+
+def dense_mlp(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
+    """SwiGLU / GeGLU MLP: act saves its input (gate), the product saves act(gate) and up,
+    down saves the product when trainable or adapted. Phi3's gate_up output is one tensor of which
+    gate and up are views."""
+    i = c.m.intermediate_size
+    if c.m.fused_gate_up:
+        gu = linear(c, led, x, lins["gate_up_proj"])
+        led.save(gu)
+        up_e = gate_e = gu.e
+    else:
+        gate, up = linear(c, led, x, lins["gate_proj"]), linear(c, led, x, lins["up_proj"])
+        led.save(gate)
+        led.save(up)
+        gate_e, up_e = gate.e, up.e
+    act = T("act_out", i, gate_e)
+    led.save(act)
+    return linear(c, led, T("mlp_prod", i, promote(gate_e, up_e)), lins["down_proj"])
+
+
+def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
+    """Mixtral sparse MoE (transformers 5.x ``MixtralExperts``: fused 3-D expert weights, frozen and
+    unquantised under LoRA/QLoRA). Per routed token copy (k per token): the gate_up output (kept by
+    act/chunk views), act output; with trainable experts also the gathered input, the product and the
+    down output. Router: fp32 softmax probabilities (E per token), top-k weights and indices."""
+    m, d, k = c.m, c.d, c.m.num_experts_per_tok
+    i, h = m.intermediate_size, m.hidden_size
+    e = d.compute if d.autocast else (d.trainable if c.t.method == "full" else d.nonquant)
+    per_copy = 2 * i * e + i * e  # gate_up output + act(gate)
+    if c.t.method == "full":
+        led.save(cast(x, d.compute, "router_in_cast") if d.autocast else x)
+        per_copy += h * e + i * e + h * e  # gathered input, product, down output
+    led.save(T("moe_experts", per_copy * k, 1))
+    led.save(T("router_probs", m.num_local_experts, FP32))
+    led.save(T("router_topk", k, FP32 + 8))  # top-k weights (fp32) + indices (int64)
+    return T("moe_out", h, e)
+
+
+def layer_ledger(c: LayerCtx) -> Ledger:
+    """Saved tensors of one decoder layer (no checkpointing), bytes per token."""
+    led = Ledger()
+    lins = {lin.name: lin for lin in layer_linears(c.m)}
+    x = T("layer_in", c.m.hidden_size, c.d.residual)
+    gemma2 = c.m.norms_per_layer == 4
+    a = attention(c, led, rmsnorm(c, led, x, "input_norm"), lins)
+    if gemma2:
+        a = rmsnorm(c, led, a, "post_attn_norm")
+    x2 = T("resid_mid", c.m.hidden_size, promote(x.e, a.e))
+    n2 = rmsnorm(c, led, x2, "pre_mlp_norm")
+    mlp = moe_mlp(c, led, n2) if c.m.is_moe else dense_mlp(c, led, n2, lins)
+    if gemma2:
+        rmsnorm(c, led, mlp, "post_mlp_norm")
+    return led

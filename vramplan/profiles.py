@@ -1,0 +1,191 @@
+"""Load model, GPU and calibration profiles; turn an HF ``config.json`` into a :class:`ModelSpec`.
+
+Profiles are data under the repository's ``profiles/`` folder (override with ``VRAMPLAN_PROFILES``).
+:func:`spec_from_hf_config` is pure; the loaders do file IO only. A hub id is resolved lazily through
+``huggingface_hub`` (config.json only, never weights).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from vramplan.specs import GpuSpec, ModelSpec, SpecError
+
+#: model_type -> family facts that the config.json does not spell out (read from transformers 5.x
+#: ``models/<family>/modeling_<family>.py`` and ``configuration_<family>.py``).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"tie_default": False},
+    "mistral": {"tie_default": False},
+    "mixtral": {"tie_default": False},
+    # Qwen2Attention: q/k/v_proj bias=True, o_proj bias=False (hard-coded).
+    "qwen2": {"tie_default": False, "qkv_bias": True},
+    # Qwen3Attention: q_norm/k_norm RMSNorm(head_dim); biases follow attention_bias.
+    "qwen3": {"tie_default": False, "qk_norm": True},
+    # GemmaModel scales embeddings by sqrt(hidden_size); tied by default.
+    "gemma": {"tie_default": True, "scaled_embeddings": True},
+    # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward norms.
+    "gemma2": {"tie_default": True, "scaled_embeddings": True, "norms_per_layer": 4},
+    # Phi3Attention: one qkv_proj; Phi3MLP: one gate_up_proj.
+    "phi3": {"tie_default": False, "fused_qkv": True, "fused_gate_up": True},
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "vocab_size")
+
+
+def profiles_dir() -> Path:
+    """The profiles folder: $VRAMPLAN_PROFILES, else ``profiles/`` beside the package."""
+    env = os.environ.get("VRAMPLAN_PROFILES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def list_models() -> list[str]:
+    """Names of the shipped model profiles, sorted."""
+    return sorted(p.stem for p in (profiles_dir() / "models").glob("*.json"))
+
+
+def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
+    """ModelSpec from an HF config.json dict (pure; raises SpecError on anything unusable)."""
+    if not isinstance(config, dict):
+        raise SpecError(f"{name}: config.json must hold a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise SpecError(f"{name}: unsupported model_type {model_type!r}; supported: "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    missing = [k for k in _REQUIRED_KEYS if config.get(k) is None]
+    if missing:
+        raise SpecError(f"{name}: config.json lacks {', '.join(missing)}")
+    fam = FAMILIES[model_type]
+    try:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        head_dim = config.get("head_dim") or hidden // heads
+        bias = bool(config.get("attention_bias", False))
+        return ModelSpec(
+            name=name,
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_hidden_layers=int(config["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            vocab_size=int(config["vocab_size"]),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", fam["tie_default"])),
+            qkv_bias=fam.get("qkv_bias", bias),
+            o_bias=bias if model_type != "qwen2" else False,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            fused_qkv=fam.get("fused_qkv", False),
+            fused_gate_up=fam.get("fused_gate_up", False),
+            norms_per_layer=fam.get("norms_per_layer", 2),
+            qk_norm=fam.get("qk_norm", False),
+            num_local_experts=int(config.get("num_local_experts") or 0),
+            num_experts_per_tok=int(config.get("num_experts_per_tok") or 0),
+            final_logit_softcapping=config.get("final_logit_softcapping"),
+            scaled_embeddings=fam.get("scaled_embeddings", False),
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, SpecError):
+            raise
+        raise SpecError(f"{name}: malformed config.json value ({exc})") from None
+
+
+def load_hf_config(ref: str) -> tuple[str, dict[str, Any]]:
+    """(display name, HF config dict) for a profile name, a config.json path or folder, or a hub id."""
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise SpecError(f"{ref}: folder has no config.json")
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise SpecError(f"{ref}: no such file")
+        return path.parent.name if path.name == "config.json" else path.stem, _read_config(path)
+    profile = profiles_dir() / "models" / f"{ref}.json"
+    if profile.is_file():
+        return ref, _read_json(profile)["config"]
+    if "/" in ref:
+        return ref, _fetch_hub_config(ref)
+    close = difflib.get_close_matches(ref, list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `vramplan profiles` to list them"
+    raise SpecError(f"unknown model {ref!r}: not a profile, a config.json path or a hub id{hint}")
+
+
+def load_model(ref: str) -> ModelSpec:
+    """ModelSpec for a profile name, config.json path/folder or hub id."""
+    name, config = load_hf_config(ref)
+    return spec_from_hf_config(config, name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    # A shipped-profile-shaped file ({"name", "source", "config"}) is accepted as a path too.
+    return data["config"] if isinstance(data.get("config"), dict) else data
+
+
+def _fetch_hub_config(hub_id: str) -> dict[str, Any]:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise SpecError(f"{hub_id}: fetching a hub config needs huggingface_hub "
+                        "(pip install 'vramplan[harness]')") from None
+    try:
+        return _read_json(Path(hf_hub_download(hub_id, "config.json")))
+    except SpecError:
+        raise
+    except Exception as exc:  # network, auth, missing repo: all one clear line
+        raise SpecError(f"{hub_id}: could not fetch config.json from the hub "
+                        f"({type(exc).__name__})") from None
+
+
+@lru_cache(maxsize=None)
+def load_gpus() -> dict[str, GpuSpec]:
+    """The GPU catalog (profiles/gpus.toml) keyed by slug, in file order."""
+    path = profiles_dir() / "gpus.toml"
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    return {key: GpuSpec(key=key, name=g["name"], memory_bytes=int(g["memory_bytes"]),
+                         gpu_class=g["class"], vendor=g.get("vendor", "nvidia"),
+                         bf16_tflops=g.get("bf16_tflops"),
+                         price_usd_per_hour=g.get("price_usd_per_hour"),
+                         memory_source=g.get("memory_source", ""),
+                         tflops_source=g.get("tflops_source", ""),
+                         price_source=g.get("price_source", ""))
+            for key, g in data["gpu"].items()}
+
+
+def load_gpu(key: str) -> GpuSpec:
+    """One catalog GPU by slug (exact match; suggestions in the error)."""
+    gpus = load_gpus()
+    if key in gpus:
+        return gpus[key]
+    close = difflib.get_close_matches(key, list(gpus), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(gpus)}"
+    raise SpecError(f"unknown GPU {key!r}{hint}")
+
+
+def load_calibration(name: str = "default") -> dict[str, Any]:
+    """A calibration file profiles/calibration/NAME.toml as a dict (constants + provenance)."""
+    path = profiles_dir() / "calibration" / f"{name}.toml"
+    if not path.is_file():
+        raise SpecError(f"no calibration {name!r} under {path.parent}")
+    with path.open("rb") as fh:
+        return tomllib.load(fh)

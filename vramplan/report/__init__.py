@@ -1,0 +1,1 @@
+"""Rendering of estimates, tables and plots (matplotlib only inside plots.py, imported lazily)."""

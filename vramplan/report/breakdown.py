@@ -1,0 +1,70 @@
+"""One estimate as a readable table or as the JSON object of the CLI contract (no pandas)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vramplan.model.estimate import Estimate
+from vramplan.units import GIB
+
+
+def estimate_json(e: Estimate, gpu: Any = None) -> dict[str, Any]:
+    """The `vramplan estimate --json` object (bytes are exact integers)."""
+    out: dict[str, Any] = {
+        "model": e.model.name,
+        "setup": {**e.train.as_dict(), "device": e.device},
+        "params": {"total": e.params_total, "trainable": e.params_trainable},
+        "terms": {t.key: t.nbytes for t in e.breakdown.terms},
+        "term_details": e.breakdown.as_records(),
+        "phases": dict(e.phase_bytes),
+        "peak_phase": e.peak_phase,
+        "peak_allocated_bytes": e.peak_allocated_bytes,
+        "peak_reserved_bytes": e.peak_reserved_bytes,
+        "device_total_bytes": e.device_total_bytes,
+        "notes": list(e.breakdown.notes),
+    }
+    if gpu is not None:
+        out["gpu"] = {"key": gpu.key, "name": gpu.name, "memory_bytes": gpu.memory_bytes,
+                      "fits": e.device_total_bytes <= gpu.memory_bytes,
+                      "headroom_bytes": gpu.memory_bytes - e.device_total_bytes}
+    return out
+
+
+def render_json(e: Estimate, gpu: Any = None) -> str:
+    return json.dumps(estimate_json(e, gpu), indent=2)
+
+
+def render_text(e: Estimate, gpu: Any = None) -> str:
+    """Breakdown table (GiB, % of the peak phase), the three levels, then assumptions."""
+    t = e.train
+    peak_terms = [x for x in e.breakdown.terms if e.peak_phase in x.phases or x.level != "allocated"]
+    lines = [f"{e.model.name}: {t.method} ({t.precision}, seq {t.seq_len}, batch {t.batch}"
+             + (f", r={t.lora_r}" if t.method != "full" else "")
+             + f", {t.resolved_optimizer}, grad ckpt {'on' if t.grad_ckpt else 'off'})",
+             f"params: {e.params_total:,} total, {e.params_trainable:,} trainable", "",
+             f"{'term':<40} {'GiB':>9} {'%':>6}  live in"]
+    total = max(e.device_total_bytes, 1)
+    for x in e.breakdown.terms:
+        mark = "" if x in peak_terms else " (not at peak)"
+        lines.append(f"{x.key:<40} {x.nbytes / GIB:>9.3f} {100 * x.nbytes / total:>5.1f}%  "
+                     f"{_phases(x)}{mark}")
+    lines += ["", f"peak phase: {e.peak_phase}",
+              f"peak allocated (torch max_memory_allocated): {e.peak_allocated_bytes / GIB:9.2f} GiB",
+              f"peak reserved  (torch max_memory_reserved):  {e.peak_reserved_bytes / GIB:9.2f} GiB",
+              f"device total   (nvidia-smi used):            {e.device_total_bytes / GIB:9.2f} GiB"]
+    if gpu is not None:
+        room = gpu.memory_bytes - e.device_total_bytes
+        verdict = "fits" if room >= 0 else "does NOT fit"
+        lines.append(f"{gpu.name} ({gpu.memory_bytes / GIB:.2f} GiB): {verdict}, "
+                     f"headroom {room / GIB:+.2f} GiB")
+    lines += ["", "notes:"] + [f"  - {n}" for n in e.breakdown.notes]
+    return "\n".join(lines)
+
+
+def _phases(term: Any) -> str:
+    if term.level != "allocated":
+        return f"[{term.level} level]"
+    if len(term.phases) >= 5:
+        return "whole step"
+    return ",".join(term.phases)

@@ -1,0 +1,180 @@
+"""Frozen descriptions of a model, a training setup and a GPU, validated on construction.
+
+Every invalid value raises :class:`SpecError` (a ``ValueError``) with a message that says what to
+change; the CLI turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+METHODS = ("full", "lora", "qlora")
+QUANTS = ("nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+PRECISIONS = ("bf16", "fp16", "fp32", "mixed")
+ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
+SHARDS = ("none", "zero1", "zero2", "zero3", "fsdp")
+#: Linear-layer names LoRA can target, across the supported families.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj",
+                "down_proj", "gate_up_proj")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+
+
+class SpecError(ValueError):
+    """A model, training setup or GPU that cannot be used as given."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SpecError(message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """The architecture facts the memory model needs, in HF config names where they exist."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False  # q/k/v projections carry a bias (qwen2)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    fused_qkv: bool = False  # one qkv_proj (phi3)
+    fused_gate_up: bool = False  # one gate_up_proj (phi3)
+    norms_per_layer: int = 2  # gemma2 has 4
+    qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
+    num_local_experts: int = 0  # 0 = dense MLP
+    num_experts_per_tok: int = 0
+    final_logit_softcapping: float | None = None  # gemma2: tanh soft-capping of the logits
+    scaled_embeddings: bool = False  # gemma: embeddings multiplied by sqrt(hidden_size)
+
+    def __post_init__(self) -> None:
+        for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size"):
+            _require(getattr(self, f) > 0, f"model {self.name}: {f} must be positive")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"model {self.name}: num_attention_heads must be a multiple of num_key_value_heads")
+        _require(self.num_local_experts >= 0 and self.num_experts_per_tok >= 0,
+                 f"model {self.name}: expert counts must not be negative")
+        _require(self.num_experts_per_tok <= self.num_local_experts,
+                 f"model {self.name}: num_experts_per_tok exceeds num_local_experts")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection output (heads × head_dim)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of each of the key and value projection outputs (KV heads × head_dim)."""
+        return self.num_key_value_heads * self.head_dim
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainSpec:
+    """One training setup. Defaults follow the seed's QLoRA recipe (DESIGN.md, CLI contract)."""
+
+    method: str = "qlora"
+    quant: str = "nf4"
+    double_quant: bool = True
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"  # "all-linear", "attn" or a comma list of module names
+    optimizer: str = ""  # "" = the method's default (see resolved_optimizer)
+    precision: str = "mixed"
+    attn: str = "sdpa"
+    grad_ckpt: bool = True
+    seq_len: int = 2048
+    batch: int = 1
+    shard: str = "none"
+    num_gpus: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("quant", self.quant, QUANTS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("attn", self.attn, ATTENTIONS)
+        _choice("shard", self.shard, SHARDS)
+        if self.optimizer:
+            _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _require(self.seq_len > 0, f"--seq-len must be a positive integer, got {self.seq_len}")
+        _require(self.batch > 0, f"--batch must be a positive integer, got {self.batch}")
+        _require(self.num_gpus > 0, f"--num-gpus must be a positive integer, got {self.num_gpus}")
+        _require(self.shard != "none" or self.num_gpus == 1,
+                 "--num-gpus > 1 needs a sharding scheme (--shard zero1|zero2|zero3|fsdp)")
+        if self.method != "full":
+            _require(self.lora_r > 0, f"--lora-r must be a positive integer, got {self.lora_r}")
+            _require(self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}")
+            _require(0.0 <= self.lora_dropout < 1.0,
+                     f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+            self.target_modules()  # validates the target list
+
+    @property
+    def resolved_optimizer(self) -> str:
+        """The optimizer actually used: paged_adamw_32bit for QLoRA, adamw otherwise, unless set."""
+        if self.optimizer:
+            return self.optimizer
+        return "paged_adamw_32bit" if self.method == "qlora" else "adamw"
+
+    def target_modules(self) -> tuple[str, ...] | None:
+        """Explicit LoRA target names, or None for peft's "all-linear" (every linear but lm_head)."""
+        if self.lora_targets == "all-linear":
+            return None
+        if self.lora_targets == "attn":
+            return ATTN_MODULES
+        names = tuple(n.strip() for n in self.lora_targets.split(",") if n.strip())
+        _require(bool(names), "--lora-targets is empty")
+        unknown = [n for n in names if n not in LORA_MODULES]
+        _require(not unknown, f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
+                 f"all-linear, attn or {', '.join(LORA_MODULES)}")
+        return names
+
+    def as_dict(self) -> dict[str, object]:
+        """Every field with the optimizer resolved: the `setup` object of the JSON contract."""
+        d = asdict(self)
+        d["optimizer"] = self.resolved_optimizer
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TrainSpec:
+        """Rebuild from `as_dict` output (extra keys are an error, so typos do not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        _require(not unknown, f"unknown setup key(s): {', '.join(unknown)}")
+        return cls(**d)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuSpec:
+    """One catalog GPU: memory as NVML reports it, peak dense bf16 throughput, indicative price."""
+
+    key: str
+    name: str
+    memory_bytes: int
+    gpu_class: str
+    vendor: str
+    bf16_tflops: float | None = None
+    price_usd_per_hour: float | None = None
+    memory_source: str = ""
+    tflops_source: str = ""
+    price_source: str = ""
+
+    def __post_init__(self) -> None:
+        _require(self.memory_bytes > 0, f"gpu {self.key}: memory_bytes must be positive")
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"--{flag.replace('_', '-')} {value!r} is not one of: "
+             f"{', '.join(allowed)}")
