@@ -12,15 +12,22 @@ import sys
 from vramplan.cli import common, estimate_cmd, measure_cmd, plan_cmd
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vramplan",
         description="Which GPU do I need to fine-tune this model? Analytic peak-memory estimates "
                     "for full fine-tuning, LoRA and QLoRA, checked against measured runs.",
         epilog="examples:\n  vramplan estimate llama-2-70b --method qlora\n"
                "  vramplan fit llama-3.1-8b --method lora --seq-len 4096\n  vramplan profiles",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for module in (estimate_cmd, plan_cmd, measure_cmd):
         module.add_parsers(sub)
     return parser

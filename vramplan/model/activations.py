@@ -13,11 +13,12 @@ from vramplan.specs import ModelSpec, TrainSpec
 
 FWD = ("layer_forward", "loss_forward")
 FWD_BWD = ("layer_forward", "loss_forward", "loss_backward", "layer_backward")
-ALL_ACT = FWD_BWD + ("last_layer_backward",)
+ALL_ACT = FWD_BWD + ("down_backward", "last_layer_backward")
 LOSS = ("loss_forward", "loss_backward")
 AFTER_LAYERS = ("loss_forward", "loss_backward", "layer_backward")
 LAYER_WORK = ("layer_forward", "layer_backward", "last_layer_backward")
 BWD_WORK = ("layer_backward", "last_layer_backward")
+DOWN = ("down_backward",)
 INT64 = 8
 
 
@@ -31,7 +32,8 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """
     n = t.seq_len * t.batch
     L = m.num_hidden_layers
-    per_layer = layer_ledger(LayerCtx(m, t, d)).bytes_per_token()
+    led = layer_ledger(LayerCtx(m, t, d))
+    per_layer = led.bytes_per_token()
     if not t.grad_ckpt:
         return (
             Term("activations.saved_layers", (L - 1) * per_layer * n,
@@ -47,9 +49,11 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
              phases=FWD_BWD),
         Term("activations.checkpoint_0", ckpt, "N * h * e_res", "the first layer's input, "
              "released last in backward", phases=ALL_ACT),
-        Term("activations.current_layer", per_layer * n, f"N * {per_layer} (one layer)",
-             "the layer being run (forward) or recomputed (backward) keeps its full saved set",
-             phases=LAYER_WORK),
+        # An fp32 layer input is saved by input_layernorm as itself: it is the checkpoint already.
+        Term("activations.recomputed_layer", (per_layer - led.saved.get("layer_in", 0)) * n,
+             f"N * {per_layer - led.saved.get('layer_in', 0)} (one layer, minus its checkpoint)",
+             "torch.utils.checkpoint recomputes one layer's saved set in backward",
+             phases=BWD_WORK + DOWN),
     )
 
 
@@ -59,23 +63,28 @@ def _mlp_dtype(t: TrainSpec, d: Dtypes) -> int:
 
 
 def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
-    """Unsaved buffers alive while one layer runs.
+    """Unsaved buffers alive while one layer's MLP runs.
 
-    forward: a wide linear's output in flight twice (base output and the LoRA sum, or the output
-    and its consumer), 2·I per token; backward, at the SwiGLU product's backward: the incoming
-    residual gradient (h·e_res) and the gradients of the product, act and up (3·I) while the saved
-    product has been released (−I): 2·I + h per token. Ref: PHYSICS-REFERENCE §5.3 (G·N).
+    forward: a wide linear's output in flight twice (base output and its LoRA sum or clone),
+    2·I per token; under checkpointing nothing is saved, so act(gate) and up are live on top, 2·I
+    more. backward: the incoming residual gradient (h·e_res) and the product's gradient (I); at the
+    product's backward the act and up gradients (2·I) appear while the saved product is released
+    (−I); at down_proj's backward a QLoRA layer holds its dequantised weight instead.
+    Ref: PHYSICS-REFERENCE §5.3 (G·N).
     """
     n = t.seq_len * t.batch
     e = _mlp_dtype(t, d)
     width = m.intermediate_size * (m.num_experts_per_tok or 1)
+    fwd = (4 if t.grad_ckpt else 2) * width * e
     return (
-        Term("activations.forward_workspace", 2 * width * e * n, "N * 2 * I * e_mlp",
-             "linear output + LoRA sum in flight", phases=("layer_forward",)),
-        Term("activations.backward_buffers", (2 * width * e + m.hidden_size * d.residual) * n,
-             "N * (2 * I * e_mlp + h * e_res)",
-             "grads of product/act/up minus the released product; residual grad",
-             phases=BWD_WORK),
+        Term("activations.forward_workspace", fwd * n,
+             f"N * {4 if t.grad_ckpt else 2} * I * e_mlp", "MLP outputs in flight",
+             phases=("layer_forward",)),
+        Term("activations.backward_buffers", (width * e + m.hidden_size * d.residual) * n,
+             "N * (I * e_mlp + h * e_res)", "residual grad and the MLP product's grad",
+             phases=BWD_WORK + ("down_backward",)),
+        Term("activations.mlp_backward_grads", width * e * n, "N * (2 * I - I) * e_mlp",
+             "act and up grads minus the released product", phases=BWD_WORK),
     )
 
 
@@ -139,7 +148,7 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
         terms.append(Term("activations.dequant_buffer", n * d.compute + dq,
                           "max_linear(n) * e_compute (+ 4*n/64 fp32 absmax with DQ)",
                           "bitsandbytes dequantize_4bit in MatMul4Bit forward/backward",
-                          phases=LAYER_WORK))
+                          phases=("layer_forward",) + DOWN))
     if d.autocast:
         cached = sum(x.params for x in (param_tensors(m) if t.method == "full"
                                         else lora_tensors(m, t)) if x.kind in ("linear", "lm_head", "lora"))

@@ -124,7 +124,8 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     RoPE (``q*cos + rotate_half(q)*sin``) saves only cos/sin (shared, counted once per forward);
     SDPA/FA2 save q, k, v, the output and an fp32 logsumexp of nh per token, with GQA k/v unrepeated
     (transformers ``use_gqa_in_sdpa`` with no mask); eager repeats k/v and saves the fp32 softmax
-    and its cast copy (nh·s each). HF makes the SDPA output contiguous before o_proj (a new tensor).
+    and its cast copy (nh·s each). The SDPA output already has (b, s, nh, hd) strides, so HF's
+    ``transpose(1, 2).contiguous()`` before o_proj makes no copy.
     """
     m, d = c.m, c.d
     if m.fused_qkv:
@@ -152,8 +153,9 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
         led.save(T("attn_lse", m.num_attention_heads, FP32))
     for t in (q, k, v):
         led.save(t)
-    led.save(T("attn_out", m.q_dim, e))
-    return linear(c, led, T("attn_out_contig", m.q_dim, e), lins["o_proj"])
+    out = T("attn_out", m.q_dim, e)  # SDPA returns (b, s, nh, hd) strides: .contiguous() is free
+    led.save(out)
+    return linear(c, led, out, lins["o_proj"])
 
 
 def dense_mlp(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:

@@ -22,8 +22,9 @@ FP32 = 4
 def gradient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """Gradients of the trainable parameters, in the parameter dtype (AccumulateGrad), created as
     backward reaches each module and freed by ``zero_grad(set_to_none=True)``. Backward runs from
-    lm_head down: head grads exist from the first layer's backward, one layer's from its own
-    backward, all layers' at the last layer, the embedding's only at the optimizer step.
+    lm_head down: head grads exist from the first layer's backward, the processed layers' grads
+    when the last layer runs, the embedding's only at the optimizer step. A layer's own grads grow
+    while its saved tensors are released, so they are not counted on top of them.
     Ref: torch AccumulateGrad; ZeRO (arXiv:1910.02054) §3.1."""
     e, L = d.trainable, m.num_hidden_layers
     tensors = trainable_tensors(m, t)
@@ -34,12 +35,13 @@ def gradient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     step = ("optimizer_step",)
     return (
         Term("gradients.head", head * e, "(V*h [untied] + h) * sizeof(param)",
-             "lm_head and final-norm grads", phases=("layer_backward", "last_layer_backward") + step),
-        Term("gradients.layer_first", per_layer * e, "P_t/layer * sizeof(param)",
-             "grads of the first layer processed in backward",
-             phases=("layer_backward", "last_layer_backward") + step),
-        Term("gradients.layers_rest", (L - 1) * per_layer * e, "(L-1) * P_t/layer * sizeof(param)",
-             "grads of the other layers", phases=("last_layer_backward",) + step),
+             "lm_head and final-norm grads, made right after the loss backward",
+             phases=("down_backward", "layer_backward", "last_layer_backward") + step),
+        Term("gradients.layers_done", (L - 1) * per_layer * e, "(L-1) * P_t/layer * sizeof(param)",
+             "grads of the layers already processed when the last one (layer 0) runs backward",
+             phases=("last_layer_backward",) + step),
+        Term("gradients.layer_current", per_layer * e, "P_t/layer * sizeof(param)",
+             "a layer's own grads appear as its saved activations are released", phases=step),
         Term("gradients.embedding", embed * e, "V * h * sizeof(param) (full only)",
              "embedding grad, created last", phases=step),
     )

@@ -111,7 +111,25 @@ def lora_tensors(m: ModelSpec, train: TrainSpec) -> tuple[Tensor, ...]:
     for lin in lora_linears(m, train):
         out.append(Tensor(lin.name + ".lora_A", r * lin.in_features, L, "lora"))
         out.append(Tensor(lin.name + ".lora_B", r * lin.out_features, L, "lora"))
+    if m.is_moe and train.target_modules() is None:
+        out.extend(moe_lora_tensors(m, r))
     return tuple(out)
+
+
+def moe_lora_tensors(m: ModelSpec, r: int) -> tuple[Tensor, ...]:
+    """peft 0.21 "all-linear" on a transformers-5 MoE block: the router gets a plain LoRA
+    (r·(h + E)); the fused 3-D experts get ``target_parameters`` LoRA (ParamWrapper) with rank
+    r·E per parameter, doubled for the fused gate_up_proj (peft's rank_pattern for it).
+    Shapes read from peft ``tuners/lora/layer.py::ParamWrapper`` on a meta Mixtral."""
+    h, i, e, L = m.hidden_size, m.intermediate_size, m.num_local_experts, m.num_hidden_layers
+    return (
+        Tensor("router.lora_A", r * h, L, "lora"),
+        Tensor("router.lora_B", r * e, L, "lora"),
+        Tensor("experts.gate_up_proj.lora_A", 2 * r * e * h, L, "lora"),
+        Tensor("experts.gate_up_proj.lora_B", 2 * r * e * 2 * i, L, "lora"),
+        Tensor("experts.down_proj.lora_A", r * e * i, L, "lora"),
+        Tensor("experts.down_proj.lora_B", r * e * h, L, "lora"),
+    )
 
 
 def trainable_tensors(m: ModelSpec, train: TrainSpec) -> tuple[Tensor, ...]:

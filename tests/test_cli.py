@@ -1,0 +1,117 @@
+"""The CLI contract: estimate's JSON keys, errors as one line + exit 2, cold start without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vramplan.cli import main
+
+CONTRACT_KEYS = {"model", "setup", "params", "terms", "peak_allocated_bytes",
+                 "peak_reserved_bytes", "device_total_bytes", "notes"}
+
+
+def test_estimate_json_has_the_contract_keys(capsys):
+    assert main(["estimate", "llama-2-70b", "--method", "qlora", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert CONTRACT_KEYS <= set(out)
+    assert out["params"]["total"] == 68_976_648_192
+    assert out["setup"]["optimizer"] == "paged_adamw_32bit"
+    assert out["setup"]["lora_r"] == 64 and out["setup"]["double_quant"] is True
+    assert out["peak_allocated_bytes"] <= out["peak_reserved_bytes"] <= out["device_total_bytes"]
+    assert all(isinstance(v, int) and v >= 0 for v in out["terms"].values())
+
+
+def test_estimate_text_shows_three_levels_and_notes(capsys):
+    assert main(["estimate", "llama-3.1-8b", "--method", "lora", "--gpu", "rtx-4090"]) == 0
+    out = capsys.readouterr().out
+    for label in ("peak allocated", "peak reserved", "device total", "notes:", "PROVISIONAL"):
+        assert label in out
+
+
+def test_estimate_accepts_a_config_path_and_folder(capsys, tmp_path, root):
+    profile = json.loads((root / "profiles/models/qwen2.5-0.5b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(profile["config"]))
+    assert main(["estimate", str(tmp_path), "--json"]) == 0
+    assert main(["estimate", str(tmp_path / "config.json"), "--json"]) == 0
+
+
+BAD = {
+    "unknown profile": ["estimate", "llama-2-71b"],
+    "missing file": ["estimate", "/nonexistent/config.json"],
+    "rank 0": ["estimate", "llama-2-7b", "--lora-r", "0"],
+    "negative seq": ["estimate", "llama-2-7b", "--seq-len", "-5"],
+    "zero batch": ["estimate", "llama-2-7b", "--batch", "0"],
+    "unknown optimizer": ["estimate", "llama-2-7b", "--optimizer", "adam9000"],
+    "unknown lora target": ["estimate", "llama-2-7b", "--lora-targets", "foo_proj"],
+    "unknown gpu": ["estimate", "llama-2-7b", "--gpu", "rtx-9999"],
+    "dropout 1": ["estimate", "llama-2-7b", "--lora-dropout", "1.0"],
+}
+
+
+@pytest.mark.parametrize("argv", BAD.values(), ids=BAD.keys())
+def test_bad_input_is_one_line_and_exit_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err
+
+
+CONFIGS = {
+    "malformed json": "{not json",
+    "missing key": json.dumps({"model_type": "llama", "hidden_size": 64}),
+    "unsupported architecture": json.dumps({"model_type": "gpt2", "hidden_size": 64}),
+    "not an object": "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("text", CONFIGS.values(), ids=CONFIGS.keys())
+def test_bad_config_is_one_clear_line(text, tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    assert main(["estimate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vramplan: error:")
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(CONFIGS["unsupported architecture"])
+    main(["estimate", str(path)])
+    err = capsys.readouterr().err
+    assert "gpt2" in err and "llama" in err and "phi3" in err
+
+
+def test_help_prints_defaults(capsys):
+    with pytest.raises(SystemExit):
+        from vramplan.cli import build_parser
+        build_parser().parse_args(["estimate", "--help"])
+    out = capsys.readouterr().out
+    assert "paged_adamw_32bit" in out and "2048" in out and "examples:" in out
+
+
+def test_profiles_lists_every_shipped_model(capsys):
+    assert main(["profiles", "--json"]) == 0
+    names = {r["name"] for r in json.loads(capsys.readouterr().out)}
+    assert {"llama-2-70b", "mixtral-8x7b", "gemma-2-27b", "phi-3-medium"} <= names
+
+
+def test_estimate_cold_start_imports_no_heavy_library():
+    code = ("import sys, time; t=time.perf_counter(); from vramplan.cli import main; "
+            "import io, contextlib; buf=io.StringIO();\n"
+            "with contextlib.redirect_stdout(buf): rc = main(['estimate', 'llama-2-70b', '--json'])\n"
+            "heavy = [m for m in ('torch', 'transformers', 'pandas', 'matplotlib') if m in sys.modules]\n"
+            "print(rc, heavy, time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rc, heavy, seconds = out.stdout.rsplit(" ", 1)[0].split(" ", 1)[0], \
+        out.stdout.split("[", 1)[1].split("]", 1)[0], float(out.stdout.rsplit(" ", 1)[1])
+    assert rc == "0" and heavy == ""
+    assert seconds < 0.3
+
+
+def test_model_package_imports_with_torch_and_pandas_blocked():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['pandas'] = None; "
+            "sys.modules['matplotlib'] = None; import vramplan.model.estimate, vramplan.cli")
+    subprocess.run([sys.executable, "-c", code], check=True)
