@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from vramplan.model.activations import WEIGHT_SIZED
 from vramplan.model.estimate import estimate
 from vramplan.model.params import total_params
 from vramplan.profiles import list_models, load_model
@@ -96,9 +97,7 @@ def test_activations_are_linear_in_batch(calib, name):
     one = est(calib, name, batch=1, method="lora").breakdown
     three = est(calib, name, batch=3, method="lora").breakdown
     for t in one.terms:
-        if t.key.startswith("activations.") and t.key not in ("activations.dequant_buffer",
-                                                              "activations.lm_head_weight_cast",
-                                                              "activations.autocast_weight_cache"):
+        if t.key.startswith("activations.") and t.key not in WEIGHT_SIZED:
             assert three.term(t.key).nbytes == 3 * t.nbytes, t.key
 
 

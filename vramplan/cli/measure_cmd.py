@@ -1,9 +1,173 @@
-"""`vramplan measure`, `check`, `calibrate`: the harness side of the CLI."""
+"""`vramplan measure`, `check`, `calibrate`: the evidence side of the CLI."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from vramplan.cli.common import Formatter, UserError
+
+MEASURE_EXAMPLES = """examples:
+  vramplan measure validation/matrices/cpu-ci.toml --device cpu --out validation/results/cpu-ci.jsonl
+  vramplan measure validation/matrices/h200.toml --device cuda --out results/h200.jsonl --resume
+  vramplan measure validation/matrices/h200.toml --device cpu --dry-run
+Each case runs in its own subprocess; a crash or OOM is recorded as that case's outcome."""
+
+CHECK_EXAMPLES = """examples:
+  vramplan check validation/results/cpu-ci.jsonl
+  vramplan check validation/results/h200.jsonl --tolerance 0.05 --calibration h200
+Exit 1 when a case is off by more than the tolerance at any measured level, when a case the
+model says fits ran out of memory (or the reverse), or when a case failed."""
+
+CALIBRATE_EXAMPLES = """examples:
+  vramplan calibrate validation/results/h200.jsonl --out profiles/calibration/h200.toml
+Only runtime constants are fitted (cuda_context, allocator_slack); analytic terms are refused."""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """No harness subcommands yet."""
+    p = sub.add_parser("measure", help="run a validation matrix and record measured peaks",
+                       description="Build random-weight models locally, load them the way users do "
+                                   "(bitsandbytes NF4 + peft), run real optimizer steps and "
+                                   "record peak memory per case as JSON lines.",
+                       epilog=MEASURE_EXAMPLES, formatter_class=Formatter)
+    p.add_argument("matrix", metavar="MATRIX.toml")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--out", help="results JSONL (appended to; required unless --dry-run)")
+    p.add_argument("--resume", action="store_true", help="skip cases already in --out")
+    p.add_argument("--only", help="comma list of case ids or globs to run")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cases with their predicted device totals; run nothing")
+    p.add_argument("--calibration", default="default")
+    p.set_defaults(func=run_measure)
+
+    c = sub.add_parser("check", help="compare recorded measurements with fresh estimates",
+                       epilog=CHECK_EXAMPLES, formatter_class=Formatter)
+    c.add_argument("results", metavar="RESULTS.jsonl", nargs="+")
+    c.add_argument("--tolerance", type=float, default=0.05, help="relative error allowed")
+    c.add_argument("--calibration", default="default")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=run_check)
+
+    k = sub.add_parser("calibrate", help="fit the runtime constants from CUDA measurements",
+                       epilog=CALIBRATE_EXAMPLES, formatter_class=Formatter)
+    k.add_argument("results", metavar="RESULTS.jsonl", nargs="+")
+    k.add_argument("--out", required=True, help="profiles/calibration/NAME.toml")
+    k.add_argument("--fit", default="cuda_context,allocator_slack",
+                   help="constants to fit (comma list)")
+    k.add_argument("--base", default="default", help="calibration to start from")
+    k.set_defaults(func=run_calibrate)
+
+
+def _read(paths: list[str]) -> list[dict]:
+    from vramplan.measure.records import read_records
+
+    records = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such results file")
+        records.extend(read_records(path))
+    return records
+
+
+def run_measure(args: argparse.Namespace) -> int:
+    from vramplan.measure.matrix import load_matrix
+
+    matrix = load_matrix(args.matrix)
+    if args.dry_run:
+        return _dry_run(matrix, args)
+    if not args.out:
+        raise UserError("--out RESULTS.jsonl is required (or use --dry-run)")
+    if args.device == "cuda":
+        try:
+            import torch
+        except ImportError:
+            raise UserError("--device cuda needs torch (pip install 'vramplan[harness]')") from None
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    from vramplan.measure.runner import run_matrix
+
+    only = args.only.split(",") if args.only else None
+    records = run_matrix(args.matrix, args.device, args.out, resume=args.resume, only=only,
+                         timeout=args.timeout, progress=sys.stderr)
+    failed = [r for r in records if r.get("outcome") == "error"]
+    print(f"{len(records)} case(s) recorded in {args.out}; {len(failed)} failed", file=sys.stderr)
+    return 0
+
+
+def _dry_run(matrix, args: argparse.Namespace) -> int:
+    from vramplan.model.estimate import estimate
+    from vramplan.profiles import load_calibration, load_model
+    from vramplan.units import GIB
+
+    calib = load_calibration(args.calibration)
+    print(f"{matrix.name}: {len(matrix.cases)} cases (predicted, {args.device})")
+    print(f"{'case':<44} {'method':<6} {'seq':>6} {'alloc GiB':>10} {'device GiB':>11}")
+    for case in matrix.cases:
+        e = estimate(load_model(case.model), case.train, calib, args.device)
+        print(f"{case.id:<44} {case.train.method:<6} {case.train.seq_len:>6} "
+              f"{e.peak_allocated_bytes / GIB:>10.3f} {e.device_total_bytes / GIB:>11.3f}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    import json
+
+    from vramplan.compare import LEVELS, compare_record
+    from vramplan.profiles import load_calibration
+
+    calib = load_calibration(args.calibration)
+    rows = [compare_record(r, calib, args.tolerance) for r in _read(args.results)]
+    if args.json:
+        print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
+                           "measured": c.measured, "predicted": c.predicted, "errors": c.errors,
+                           "problems": list(c.problems)} for c in rows], indent=2))
+    else:
+        short = {"peak_allocated_bytes": "alloc", "peak_reserved_bytes": "reserved",
+                 "device_total_bytes": "device"}
+        print(f"{'case':<40} {'method':<6} " + " ".join(
+            f"{short[lv] + ' meas/pred MiB':>24} {'err':>7}" for lv in LEVELS) + "  status")
+        for c in rows:
+            cells = []
+            for lv in LEVELS:
+                m, p = c.measured.get(lv), c.predicted.get(lv)
+                cells.append(f"{_mib(m):>11}/{_mib(p):<12} {_pct(c.errors.get(lv)):>7}")
+            status = "ok" if c.ok else "FAIL: " + "; ".join(c.problems)
+            print(f"{c.case_id:<40} {c.method:<6} " + " ".join(cells) + f"  {status}")
+        _summary(rows)
+    bad = [c for c in rows if not c.ok]
+    print(f"{len(rows) - len(bad)}/{len(rows)} cases within {args.tolerance:.0%}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _summary(rows) -> None:
+    from statistics import median
+
+    from vramplan.compare import LEVELS
+
+    for lv in LEVELS:
+        errs = [abs(c.errors[lv]) for c in rows if lv in c.errors]
+        if errs:
+            print(f"{lv}: median |error| {median(errs):.1%}, max {max(errs):.1%} over {len(errs)}")
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from vramplan.calibrate import check_fittable, fit, to_toml
+    from vramplan.profiles import load_calibration
+
+    names = [n.strip() for n in args.fit.split(",") if n.strip()]
+    check_fittable(names)
+    base = load_calibration(args.base)
+    data = fit(_read(args.results), base, names)
+    Path(args.out).write_text(to_toml(data, base))
+    print(f"wrote {args.out} (fitted on {len(data['fitted_on'])} records)", file=sys.stderr)
+    return 0

@@ -12,79 +12,94 @@ from vramplan.model.terms import Term
 from vramplan.specs import ModelSpec, TrainSpec
 
 FWD = ("layer_forward", "loss_forward")
-FWD_BWD = ("layer_forward", "loss_forward", "loss_backward", "layer_backward")
-ALL_ACT = FWD_BWD + ("down_backward", "last_layer_backward")
 LOSS = ("loss_forward", "loss_backward")
-AFTER_LAYERS = ("loss_forward", "loss_backward", "layer_backward")
-LAYER_WORK = ("layer_forward", "layer_backward", "last_layer_backward")
-BWD_WORK = ("layer_backward", "last_layer_backward")
+RECOMPUTE = ("recompute_forward",)
 DOWN = ("down_backward",)
+BWD_WORK = ("down_backward", "layer_backward", "last_layer_backward")
+#: Everything from the forward to the first processed layer's backward.
+UNTIL_FIRST_BWD = ("layer_forward", "loss_forward", "loss_backward", "recompute_forward",
+                   "down_backward", "layer_backward")
+ALL_ACT = UNTIL_FIRST_BWD + ("last_layer_backward",)
+AFTER_LAYERS = ("loss_forward", "loss_backward", "recompute_forward", "down_backward",
+                "layer_backward")
 INT64 = 8
+#: Activation-group terms sized by weights, not tokens (copies or buffers of weight tensors).
+WEIGHT_SIZED = frozenset({"activations.dequant_buffer", "activations.lm_head_weight_cast",
+                          "activations.autocast_weight_cache", "activations.layer_weight_casts"})
 
 
 def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
-    """Saved activations of the decoder layers.
+    """Saved activations of the decoder layers and what is live while one layer runs.
 
     Without checkpointing every layer keeps its whole saved set until its backward
-    (Korthikanti et al. 2022, arXiv:2205.05198 §4, adapted op by op to HF decoders). With HF
-    gradient checkpointing (non-reentrant) each layer keeps only its input, e_res·h per token, and
-    the backward recomputes one layer at a time (``GradientCheckpointingLayer``).
+    (Korthikanti et al. 2022, arXiv:2205.05198 §4, adapted op by op to HF decoders); the last
+    layer's forward peaks at its worst linear (saved-so-far + that linear's in-flight outputs).
+    With HF gradient checkpointing (non-reentrant) each layer keeps only its input, e_res·h per
+    token; the backward re-runs one layer's forward (peaking like the forward above, plus the
+    incoming residual gradient) and then holds that layer's full saved set
+    (``GradientCheckpointingLayer``, ``torch.utils.checkpoint``).
     """
     n = t.seq_len * t.batch
     L = m.num_hidden_layers
     led = layer_ledger(LayerCtx(m, t, d))
     per_layer = led.bytes_per_token()
+    partial = Term("activations.layer_in_flight", led.peak_partial * n,
+                   f"N * {led.peak_partial} (saved so far + the worst linear's outputs)",
+                   "op-by-op replay; peft LoRA forward keeps result, scaled output and sum",
+                   phases=("layer_forward",) if not t.grad_ckpt else RECOMPUTE)
     if not t.grad_ckpt:
         return (
             Term("activations.saved_layers", (L - 1) * per_layer * n,
                  f"(L - 1) * N * {per_layer} (saved bytes/token/layer)",
-                 "arXiv:2205.05198 §4; op-by-op replay of HF decoder layer", phases=FWD_BWD),
+                 "arXiv:2205.05198 §4; op-by-op replay of HF decoder layer", phases=ALL_ACT[:-1]),
             Term("activations.saved_layer_0", per_layer * n, f"N * {per_layer}",
-                 "the first layer's saved set, released last in backward", phases=ALL_ACT),
+                 "the first layer's saved set, released last in backward",
+                 phases=AFTER_LAYERS + ("last_layer_backward",)),
+            partial,
         )
     ckpt = m.hidden_size * d.residual * n
+    # An fp32 layer input is saved by input_layernorm as itself: it is the checkpoint already.
+    recomputed = per_layer - led.saved.get("layer_in", 0)
     return (
         Term("activations.checkpoints", (L - 1) * ckpt, "(L - 1) * N * h * e_res",
              "transformers GradientCheckpointingLayer; torch.utils.checkpoint (non-reentrant)",
-             phases=FWD_BWD),
+             phases=UNTIL_FIRST_BWD),
         Term("activations.checkpoint_0", ckpt, "N * h * e_res", "the first layer's input, "
              "released last in backward", phases=ALL_ACT),
-        # An fp32 layer input is saved by input_layernorm as itself: it is the checkpoint already.
-        Term("activations.recomputed_layer", (per_layer - led.saved.get("layer_in", 0)) * n,
-             f"N * {per_layer - led.saved.get('layer_in', 0)} (one layer, minus its checkpoint)",
+        Term("activations.forward_in_flight", (led.mlp_e * m.intermediate_size
+                                               + led.max_transient) * n,
+             "N * (I * e_mlp + worst linear's in-flight outputs)",
+             "checkpointed forward saves nothing: act(gate) and one linear's outputs are live",
+             phases=("layer_forward",)),
+        partial,
+        Term("activations.recomputed_layer", recomputed * n,
+             f"N * {recomputed} (one layer, minus its checkpoint)",
              "torch.utils.checkpoint recomputes one layer's saved set in backward",
-             phases=BWD_WORK + DOWN),
+             phases=BWD_WORK),
     )
 
 
-def _mlp_dtype(t: TrainSpec, d: Dtypes) -> int:
-    """Bytes per element of the MLP intermediates (linear outputs)."""
-    return d.compute if d.autocast else (d.residual if t.method == "qlora" else d.load)
-
-
 def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
-    """Unsaved buffers alive while one layer's MLP runs.
+    """Gradient buffers alive inside one layer's backward (e = the MLP intermediates' dtype).
 
-    forward: a wide linear's output in flight twice (base output and its LoRA sum or clone),
-    2·I per token; under checkpointing nothing is saved, so act(gate) and up are live on top, 2·I
-    more. backward: the incoming residual gradient (h·e_res) and the product's gradient (I); at the
-    product's backward the act and up gradients (2·I) appear while the saved product is released
-    (−I); at down_proj's backward a QLoRA layer holds its dequantised weight instead.
-    Ref: PHYSICS-REFERENCE §5.3 (G·N).
+    The incoming residual gradient (h·e_res) from the layer's (re)computation on; the product's
+    gradient (I·e) from down_proj's backward on; at the MLP's backward two more I-wide gradients
+    (the two paths of a LoRA-wrapped down, or act and up) while down_proj's saved input is
+    released. Ref: PHYSICS-REFERENCE §5.3 (G·N), checked with the CPU storage tracker.
     """
     n = t.seq_len * t.batch
-    e = _mlp_dtype(t, d)
+    led = layer_ledger(LayerCtx(m, t, d))
+    e = led.mlp_e
     width = m.intermediate_size * (m.num_experts_per_tok or 1)
-    fwd = (4 if t.grad_ckpt else 2) * width * e
+    grads = max(0, 2 * width * e - led.down_input_bytes)
     return (
-        Term("activations.forward_workspace", fwd * n,
-             f"N * {4 if t.grad_ckpt else 2} * I * e_mlp", "MLP outputs in flight",
-             phases=("layer_forward",)),
-        Term("activations.backward_buffers", (width * e + m.hidden_size * d.residual) * n,
-             "N * (I * e_mlp + h * e_res)", "residual grad and the MLP product's grad",
-             phases=BWD_WORK + ("down_backward",)),
-        Term("activations.mlp_backward_grads", width * e * n, "N * (2 * I - I) * e_mlp",
-             "act and up grads minus the released product", phases=BWD_WORK),
+        Term("activations.residual_grad", m.hidden_size * d.residual * n, "N * h * e_res",
+             "gradient of the layer output", phases=RECOMPUTE + BWD_WORK),
+        Term("activations.backward_buffers", width * e * n, "N * I * e_mlp",
+             "the MLP product's gradient", phases=BWD_WORK),
+        Term("activations.mlp_backward_grads", grads * n, "N * (2 * I * e_mlp - down input saved)",
+             "two more I-wide grads while down_proj's saved input is released",
+             phases=("layer_backward", "last_layer_backward")),
     )
 
 
@@ -150,13 +165,33 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
                           "bitsandbytes dequantize_4bit in MatMul4Bit forward/backward",
                           phases=("layer_forward",) + DOWN))
     if d.autocast:
-        cached = sum(x.params for x in (param_tensors(m) if t.method == "full"
-                                        else lora_tensors(m, t)) if x.kind in ("linear", "lm_head", "lora"))
-        phases = FWD if t.grad_ckpt else ALL_ACT
-        terms.append(Term("activations.autocast_weight_cache", 2 * cached,
-                          "2 * P_t(linear weights)", "ATen autocast cached_cast of fp32 leaf "
-                          "weights requiring grad", phases=phases))
+        terms.extend(autocast_cache_terms(m, t))
     return tuple(terms)
+
+
+def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
+    """bf16 copies of fp32 trainable weights made by autocast.
+
+    ``cached_cast`` keeps one bf16 copy of every fp32 leaf weight that requires grad until the
+    outermost autocast exits (end of forward); the matmuls also save them for backward, so without
+    checkpointing they live until each layer's backward. With checkpointing the recomputation
+    re-casts one layer's weights, saved until that layer's backward ends.
+    Ref: ATen ``autocast_mode.cpp::cached_cast``; PHYSICS-REFERENCE §3.3, §9 item 4.
+    """
+    tensors = param_tensors(m) if t.method == "full" else lora_tensors(m, t)
+    linear = [x for x in tensors if x.kind in ("linear", "lora", "expert")]
+    per_layer = sum(x.params for x in linear) // m.num_hidden_layers
+    head = sum(x.params for x in tensors if x.kind == "lm_head" or
+               (x.kind == "embed" and m.tie_word_embeddings and t.method == "full"))
+    all_phases = FWD if t.grad_ckpt else UNTIL_FIRST_BWD
+    layer_phases = (RECOMPUTE + BWD_WORK) if t.grad_ckpt else ("last_layer_backward",)
+    return (
+        Term("activations.autocast_weight_cache", 2 * (per_layer * m.num_hidden_layers + head),
+             "2 * P_t(matmul weights)", "ATen autocast cached_cast of fp32 leaf weights "
+             "requiring grad", phases=all_phases),
+        Term("activations.layer_weight_casts", 2 * per_layer, "2 * P_t(one layer's matmuls)",
+             "autocast copies of the layer being recomputed / run backward", phases=layer_phases),
+    )
 
 
 def activation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:

@@ -32,9 +32,18 @@ class Ledger:
     """Saved tensors by name, in bytes per token."""
 
     saved: dict[str, int] = field(default_factory=dict)
+    mlp_e: int = 2  # bytes per element of the MLP intermediates (gate/up outputs)
+    down_input_bytes: int = 0  # per token: what down_proj keeps of its input (released first)
+    max_transient: int = 0  # per token: the largest in-flight output of one linear
+    peak_partial: int = 0  # per token: saved-so-far + that in-flight output, at the worst linear
 
     def save(self, t: T) -> None:
         self.saved[t.name] = t.width * t.e
+
+    def in_flight(self, nbytes: int) -> None:
+        """Record an op's unsaved outputs that are alive together at this point of the forward."""
+        self.max_transient = max(self.max_transient, nbytes)
+        self.peak_partial = max(self.peak_partial, self.bytes_per_token() + nbytes)
 
     def bytes_per_token(self) -> int:
         return sum(self.saved.values())
@@ -85,9 +94,17 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
         out_e = d.compute if d.autocast else d.load
     else:
         out_e = x.e
+    width = lin.out_features
     if c.adapted(lin):
         lora_branch(c, led, x, lin)
-    return T(f"{lin.name}.out", lin.out_features, out_e)
+        # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum
+        lora_e = d.compute if d.autocast else FP32
+        led.in_flight(width * (out_e + lora_e + promote(out_e, lora_e)))
+    elif c.base == "4bit" and out_e != d.compute:
+        led.in_flight(width * (d.compute + out_e))  # gemm output and its ``.to(inp_dtype)``
+    else:
+        led.in_flight(width * out_e)
+    return T(f"{lin.name}.out", width, out_e)
 
 
 def lora_branch(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> None:
@@ -174,7 +191,11 @@ def dense_mlp(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
         gate_e, up_e = gate.e, up.e
     act = T("act_out", i, gate_e)
     led.save(act)
-    return linear(c, led, T("mlp_prod", i, promote(gate_e, up_e)), lins["down_proj"])
+    led.mlp_e = promote(gate_e, up_e)
+    before = led.bytes_per_token()
+    out = linear(c, led, T("mlp_prod", i, led.mlp_e), lins["down_proj"])
+    led.down_input_bytes = led.bytes_per_token() - before
+    return out
 
 
 def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
@@ -190,6 +211,7 @@ def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
         led.save(cast(x, d.compute, "router_in_cast") if d.autocast else x)
         per_copy += h * e + i * e + h * e  # gathered input, product, down output
     led.save(T("moe_experts", per_copy * k, 1))
+    led.mlp_e = e
     led.save(T("router_probs", m.num_local_experts, FP32))
     led.save(T("router_topk", k, FP32 + 8))  # top-k weights (fp32) + indices (int64)
     return T("moe_out", h, e)

@@ -28,8 +28,10 @@ def gradient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     Ref: torch AccumulateGrad; ZeRO (arXiv:1910.02054) §3.1."""
     e, L = d.trainable, m.num_hidden_layers
     tensors = trainable_tensors(m, t)
-    head = sum(x.params for x in tensors if x.kind == "lm_head")
-    embed = sum(x.params for x in tensors if x.kind == "embed")
+    # A tied embedding is the lm_head weight: its grad appears at the lm_head backward.
+    head_kinds = ("lm_head", "embed") if m.tie_word_embeddings else ("lm_head",)
+    head = sum(x.params for x in tensors if x.kind in head_kinds)
+    embed = sum(x.params for x in tensors if x.kind == "embed" and x.kind not in head_kinds)
     per_layer = (sum(x.params for x in tensors) - head - embed - _final_norm(m, t)) // L
     head += _final_norm(m, t)
     step = ("optimizer_step",)

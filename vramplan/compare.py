@@ -1,0 +1,75 @@
+"""Join measured records with fresh estimates: relative errors per level, fit/no-fit agreement.
+
+Pure Python: reads records as dicts (the JSONL written by :mod:`vramplan.measure.records`) and
+recomputes each case's estimate from its recorded model and setup. Never imports the harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from vramplan.model.estimate import Estimate, estimate
+from vramplan.profiles import load_model
+from vramplan.specs import SpecError, TrainSpec
+
+LEVELS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
+#: Default tolerance of `vramplan check`: the issue's acceptance bound (5% relative, every level).
+DEFAULT_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One record against its estimate."""
+
+    case_id: str
+    outcome: str
+    method: str
+    measured: Mapping[str, int | None]
+    predicted: Mapping[str, int]
+    errors: Mapping[str, float]  # level -> (predicted - measured) / measured
+    problems: tuple[str, ...] = field(default=())
+    known_gap: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any]) -> Estimate:
+    """The estimate of a recorded case (its model ref, setup and device)."""
+    setup = {k: v for k, v in record["setup"].items() if k != "device"}
+    return estimate(load_model(record["model"]), TrainSpec.from_dict(setup), calib,
+                    record.get("device", "cuda"))
+
+
+def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
+                   tolerance: float = DEFAULT_TOLERANCE) -> Comparison:
+    """Compare one record at every level it measured; an OOM must be predicted not to fit."""
+    case_id = str(record.get("case_id", "?"))
+    try:
+        est = estimate_for(record, calib)
+    except (SpecError, KeyError) as exc:
+        return Comparison(case_id, record.get("outcome", "?"), "?", {}, {}, {},
+                          (f"cannot re-estimate: {exc}",))
+    predicted = {lvl: getattr(est, lvl) for lvl in LEVELS}
+    measured = dict.fromkeys(LEVELS)
+    measured.update({k: v for k, v in (record.get("measured") or {}).items() if k in LEVELS})
+    errors, problems = {}, []
+    outcome = record.get("outcome", "ok")
+    capacity = (record.get("env") or {}).get("device_memory_bytes")
+    if outcome == "ok":
+        for lvl in LEVELS:
+            if measured.get(lvl):
+                errors[lvl] = (predicted[lvl] - measured[lvl]) / measured[lvl]
+                if abs(errors[lvl]) > tolerance:
+                    problems.append(f"{lvl} off by {errors[lvl]:+.1%}")
+        if capacity and predicted["device_total_bytes"] > capacity:
+            problems.append("ran, but the model predicts it does not fit")
+    elif outcome == "oom":
+        if capacity and predicted["device_total_bytes"] <= capacity:
+            problems.append("ran out of memory, but the model predicts it fits")
+    else:
+        problems.append(f"case failed: {str(record.get('error'))[:120]}")
+    return Comparison(case_id, outcome, est.train.method, measured, predicted, errors,
+                      tuple(problems), record.get("known_gap"))
