@@ -1,9 +1,162 @@
-"""`vramplan fit`, `table`, `plot` (planner and docs): filled in by the planner work."""
+"""`vramplan fit`, `table`, `plot`, `docs`: the planner and generated docs (heavy imports lazy)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from vramplan.cli.common import Formatter, add_train_options, train_from_args
+from vramplan.specs import SpecError
+
+FIT_EXAMPLES = """examples:
+  vramplan fit llama-2-70b                              # the seed's QLoRA recipe on every GPU
+  vramplan fit llama-3.1-8b --method lora --seq-len 4096 --gpus rtx-4090,a100-80gb
+  vramplan fit llama-3.1-70b --method full --shard zero3 --num-gpus 8 --json"""
+TABLE_EXAMPLES = """examples:
+  vramplan table --models llama-3.1-8b,qwen2.5-7b --methods full,lora,qlora
+  vramplan table --models llama-2-70b --methods qlora --seq-len 4096 --format csv"""
+PLOT_EXAMPLES = """examples:
+  vramplan plot breakdown llama-2-70b --out breakdown.png
+  vramplan plot maxseq llama-2-70b --method qlora --out maxseq.png"""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """No planner subcommands yet."""
+    p = sub.add_parser("fit", help="which GPUs fit a setup: headroom, max seq/batch, GPU count",
+                       description="Fit one setup on catalog GPUs: per-GPU device total vs memory, "
+                                   "headroom, largest seq_len and batch, fewest GPUs (sharded), "
+                                   "and an estimate of time and cost per billion tokens.",
+                       epilog=FIT_EXAMPLES, formatter_class=Formatter)
+    p.add_argument("model", metavar="MODEL")
+    add_train_options(p, sharding=True)
+    p.add_argument("--gpus", default="all", help="all, or a comma list of catalog slugs")
+    p.add_argument("--calibration", default="default", help="profiles/calibration/NAME.toml")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_fit)
+
+    t = sub.add_parser("table", help="memory per model x method and the smallest GPU that fits",
+                       epilog=TABLE_EXAMPLES, formatter_class=Formatter)
+    t.add_argument("--models", required=True, help="comma list of models")
+    t.add_argument("--methods", default="full,lora,qlora", help="comma list of methods")
+    add_train_options(t, sharding=True)
+    t.add_argument("--calibration", default="default")
+    t.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
+    t.set_defaults(func=run_table)
+
+    q = sub.add_parser("plot", help="breakdown or max-seq plots (PNG, needs matplotlib)",
+                       epilog=PLOT_EXAMPLES, formatter_class=Formatter)
+    q.add_argument("kind", choices=("breakdown", "maxseq"))
+    q.add_argument("model", metavar="MODEL")
+    add_train_options(q, sharding=True)
+    q.add_argument("--methods", default="full,lora,qlora", help="breakdown: bars to draw")
+    q.add_argument("--gpus", default="all", help="maxseq: all, or a comma list of slugs")
+    q.add_argument("--calibration", default="default")
+    q.add_argument("--out", required=True, help="PNG path")
+    q.set_defaults(func=run_plot)
+
+    d = sub.add_parser("docs", help="regenerate docs/ (tables, plots, the seed's claims)",
+                       formatter_class=Formatter)
+    d.add_argument("--out", default="docs", help="output folder")
+    d.add_argument("--calibration", default="default")
+    d.set_defaults(func=run_docs)
+
+
+def _split(value: str, what: str) -> list[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise SpecError(f"--{what} is empty")
+    return items
+
+
+def select_gpus(value: str) -> list:
+    """Catalog GPUs for --gpus (all, or slugs; an unknown slug is a SpecError)."""
+    from vramplan.profiles import load_gpu, load_gpus
+
+    if value == "all":
+        return list(load_gpus().values())
+    return [load_gpu(k) for k in _split(value, "gpus")]
+
+
+def _methods(value: str) -> list[str]:
+    from vramplan.specs import METHODS
+
+    methods = _split(value, "methods")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SpecError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from vramplan.cost import load_planner_settings
+    from vramplan.planner import plan
+    from vramplan.profiles import load_calibration, load_model
+    from vramplan.report.breakdown import estimate_json, render_text
+    from vramplan.report.tables import render_fit_text
+    from vramplan.sharding import sharded_view
+
+    model, train = load_model(args.model), train_from_args(args)
+    gpus = select_gpus(args.gpus)
+    p = plan(model, train, gpus, load_calibration(args.calibration))
+    view = sharded_view(p.sharded)
+    cost = load_planner_settings()["cost"]
+    if args.json:
+        print(json.dumps({"answer": p.answer, "setup": train.as_dict(),
+                          "gpus": [f.as_dict() for f in p.fits],
+                          "cost_assumptions": {"mfu": cost["mfu"], "source": cost["source"],
+                                               "estimate": True},
+                          "estimate": estimate_json(view)}, indent=2))
+        return 0
+    print(render_fit_text(p, float(cost["mfu"])))
+    print()
+    print(render_text(view))
+    return 0
+
+
+def run_table(args: argparse.Namespace) -> int:
+    from vramplan.profiles import load_calibration, load_gpus, load_model
+    from vramplan.report.tables import memory_table, render_table
+
+    models = [load_model(m) for m in _split(args.models, "models")]
+    methods = _methods(args.methods)
+    train = train_from_args(args, method=methods[0])
+    t = memory_table(models, methods, train, list(load_gpus().values()),
+                     load_calibration(args.calibration))
+    print(render_table(t, args.format))
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vramplan.planner import max_seq_len, per_gpu
+    from vramplan.profiles import load_calibration, load_model
+    from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png
+
+    model, calib = load_model(args.model), load_calibration(args.calibration)
+    if args.kind == "breakdown":
+        by_method = {m: per_gpu(model, train_from_args(args, method=m), calib)
+                     for m in _methods(args.methods)}
+        fig = plot_breakdown(model.name, by_method)
+    else:
+        train = train_from_args(args)
+        rows = [(g.key, max_seq_len(model, train, g, calib)) for g in select_gpus(args.gpus)]
+        fig = plot_maxseq(model.name, train.method, rows)
+    save_png(fig, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_docs(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from vramplan.profiles import load_calibration, load_gpus
+    from vramplan.report.docs import write_docs
+
+    paths = write_docs(Path(args.out), list(load_gpus().values()),
+                       load_calibration(args.calibration))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -25,7 +25,8 @@ AFTER_LAYERS = ("loss_forward", "loss_backward", "recompute_forward", "down_back
 INT64 = 8
 #: Activation-group terms sized by weights, not tokens (copies or buffers of weight tensors).
 WEIGHT_SIZED = frozenset({"activations.dequant_buffer", "activations.lm_head_weight_cast",
-                          "activations.autocast_weight_cache", "activations.layer_weight_casts"})
+                          "activations.autocast_weight_cache", "activations.layer_weight_casts",
+                          "activations.moe_merged_experts", "activations.moe_merged_experts_rest"})
 
 
 def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
@@ -92,9 +93,12 @@ def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     e = led.mlp_e
     width = m.intermediate_size * (m.num_experts_per_tok or 1)
     grads = max(0, 2 * width * e - led.down_input_bytes)
+    res_grad = 2 * d.residual + (FP32 if d.residual != FP32 else 0)
     return (
-        Term("activations.residual_grad", m.hidden_size * d.residual * n, "N * h * e_res",
-             "gradient of the layer output", phases=RECOMPUTE + BWD_WORK),
+        Term("activations.residual_grad", m.hidden_size * res_grad * n,
+             "N * h * (2 * e_res + 4 [e_res < 4])",
+             "gradient of the layer output: the RMSNorm path's fp32 grad, its cast back, and the "
+             "sum with the residual path", phases=RECOMPUTE + BWD_WORK),
         Term("activations.backward_buffers", width * e * n, "N * I * e_mlp",
              "the MLP product's gradient", phases=BWD_WORK),
         Term("activations.mlp_backward_grads", grads * n, "N * (2 * I * e_mlp - down input saved)",
@@ -166,6 +170,28 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
                           phases=("layer_forward",) + DOWN))
     if d.autocast:
         terms.extend(autocast_cache_terms(m, t))
+    if m.is_moe and t.method != "full" and t.target_modules() is None:
+        terms.extend(moe_merged_expert_terms(m, t, d))
+    return tuple(terms)
+
+
+def moe_merged_expert_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
+    """peft ``ParamWrapper`` (target_parameters LoRA on fused experts) parametrises each expert
+    stack as ``baddbmm(W, B, A)`` for the forward: a merged copy of every expert weight of the
+    layer, in the parameter dtype, which the expert matmuls save for backward. Without
+    checkpointing every layer's copy lives until its backward; with it, one layer's at a time.
+    Ref: peft ``tuners/lora/layer.py::_LoraFactorsProxy``, ``ParamWrapper._activate_lora``.
+    """
+    per_layer = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * d.nonquant
+    L = m.num_hidden_layers
+    one_phases = ("layer_forward",) + RECOMPUTE + BWD_WORK if t.grad_ckpt else \
+        UNTIL_FIRST_BWD + ("last_layer_backward",)
+    terms = [Term("activations.moe_merged_experts", per_layer, "3 * E * I * h * e_param",
+                  "merged W + B·A expert stack of the running layer", phases=one_phases)]
+    if not t.grad_ckpt:
+        terms.append(Term("activations.moe_merged_experts_rest", (L - 1) * per_layer,
+                          "(L - 1) * 3 * E * I * h * e_param",
+                          "merged expert stacks saved by the other layers", phases=UNTIL_FIRST_BWD))
     return tuple(terms)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from vramplan.model import activations, optim, overhead, weights
@@ -36,6 +36,12 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
     first layer backward, optimizer step) over the terms live in it; peak allocated is the largest.
     Reserved adds allocator slack; the device total adds the CUDA context and paged optimizer states.
     """
+    t_eff = effective_setup(m, t)
+    if t_eff is not t:
+        return _with_note(estimate(m, t_eff, calib, device), t,
+                          f"{m.model_type} has no SDPA path in transformers 5.x (from_pretrained "
+                          "raises): estimated with eager attention; pass --attn eager or "
+                          "flash_attention_2")
     d = dtypes_for(t, device)
     terms = (*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
              *optim.gradient_terms(m, t, d), *optim.optimizer_terms(m, t, d, device),
@@ -52,6 +58,19 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
     device_total = reserved + sum(x.nbytes for x in full.terms if x.level == "device")
     return Estimate(m, t, device, full, total_params(m), trainable_params(m, t), phases, peak_phase,
                     peak_alloc, reserved, device_total)
+
+
+def effective_setup(m: ModelSpec, t: TrainSpec) -> TrainSpec:
+    """The setup transformers actually runs: Gemma-2 refuses SDPA (soft-capping), so eager."""
+    if m.model_type == "gemma2" and t.attn == "sdpa":
+        return replace(t, attn="eager")
+    return t
+
+
+def _with_note(e: Estimate, asked: TrainSpec, note: str) -> Estimate:
+    """The same estimate reported against the setup that was asked for, with a note."""
+    bd = e.breakdown
+    return replace(e, train=asked, breakdown=replace(bd, notes=(note, *bd.notes)))
 
 
 def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str) -> tuple[str, ...]:

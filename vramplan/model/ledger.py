@@ -95,15 +95,16 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
     else:
         out_e = x.e
     width = lin.out_features
+    live_input = 0 if x.name in led.saved else x.width * x.e  # the caller still holds x
     if c.adapted(lin):
         lora_branch(c, led, x, lin)
         # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum
         lora_e = d.compute if d.autocast else FP32
-        led.in_flight(width * (out_e + lora_e + promote(out_e, lora_e)))
+        led.in_flight(live_input + width * (out_e + lora_e + promote(out_e, lora_e)))
     elif c.base == "4bit" and out_e != d.compute:
-        led.in_flight(width * (d.compute + out_e))  # gemm output and its ``.to(inp_dtype)``
+        led.in_flight(live_input + width * (d.compute + out_e))  # gemm out + ``.to(inp_dtype)``
     else:
-        led.in_flight(width * out_e)
+        led.in_flight(live_input + width * out_e)
     return T(f"{lin.name}.out", width, out_e)
 
 
@@ -164,8 +165,9 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     if c.t.attn == "eager":
         k, v = T("k_repeat", m.q_dim, e), T("v_repeat", m.q_dim, e)
         s, nh = c.t.seq_len, m.num_attention_heads
-        led.save(T("attn_probs_fp32", nh * s, FP32))
-        led.save(T("attn_probs", nh * s, e))
+        probs = T("attn_probs_fp32", nh * s, FP32)  # softmax(..., dtype=float32)
+        led.save(probs)
+        led.save(cast(probs, e, "attn_probs"))  # .to(query.dtype): no copy when fp32
     else:
         led.save(T("attn_lse", m.num_attention_heads, FP32))
     for t in (q, k, v):
@@ -198,22 +200,30 @@ def dense_mlp(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     return out
 
 
+def experts_trainable(c: LayerCtx) -> bool:
+    """Expert weights carry grad: full fine-tuning, or peft "all-linear" on a transformers-5 MoE
+    (``target_parameters`` LoRA merges W + B·A into the expert stack every forward)."""
+    return c.t.method == "full" or c.t.target_modules() is None
+
+
 def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
     """Mixtral sparse MoE (transformers 5.x ``MixtralExperts``: fused 3-D expert weights, frozen and
-    unquantised under LoRA/QLoRA). Per routed token copy (k per token): the gate_up output (kept by
-    act/chunk views), act output; with trainable experts also the gathered input, the product and the
-    down output. Router: fp32 softmax probabilities (E per token), top-k weights and indices."""
+    unquantised in QLoRA). Per routed token copy (k per token): the gate_up output (kept by
+    act/chunk views) and act output; when the expert weights carry grad also the gathered input,
+    the product and the down output (``* top_k_weights``, which carries grad through the router).
+    Router: fp32 softmax probabilities (E per token), top-k weights and indices."""
     m, d, k = c.m, c.d, c.m.num_experts_per_tok
     i, h = m.intermediate_size, m.hidden_size
     e = d.compute if d.autocast else (d.trainable if c.t.method == "full" else d.nonquant)
     per_copy = 2 * i * e + i * e  # gate_up output + act(gate)
-    if c.t.method == "full":
+    if experts_trainable(c):
         led.save(cast(x, d.compute, "router_in_cast") if d.autocast else x)
         per_copy += h * e + i * e + h * e  # gathered input, product, down output
     led.save(T("moe_experts", per_copy * k, 1))
-    led.mlp_e = e
     led.save(T("router_probs", m.num_local_experts, FP32))
     led.save(T("router_topk", k, FP32 + 8))  # top-k weights (fp32) + indices (int64)
+    led.mlp_e = e
+    led.in_flight(2 * i * e * k)
     return T("moe_out", h, e)
 
 

@@ -1,0 +1,182 @@
+"""Planner tables: the `fit` table and the model × method memory table (md, csv, html, json).
+
+Pure Python (no pandas). Bytes stay exact integers in csv/json; GiB (2**30) appears only in text,
+markdown and html cells, labelled as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+from vramplan.planner import Plan, per_gpu
+from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
+from vramplan.units import GIB
+
+FORMATS = ("md", "csv", "html", "json")
+MISSING = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One model × method: per-GPU device total and the smallest catalog GPU that holds it."""
+
+    model: str
+    params: int
+    method: str
+    device_total_bytes: int
+    gpu: GpuSpec | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "params": self.params, "method": self.method,
+                "device_total_bytes": self.device_total_bytes,
+                "smallest_gpu": self.gpu.key if self.gpu else None,
+                "smallest_gpu_memory_bytes": self.gpu.memory_bytes if self.gpu else None}
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryTable:
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    cells: tuple[Cell, ...]
+    caption: str
+    settings: Mapping[str, Any]
+
+    def cell(self, model: str, method: str) -> Cell:
+        return next(c for c in self.cells if c.model == model and c.method == method)
+
+
+def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec]) -> GpuSpec | None:
+    """The catalog GPU with the least memory_bytes ≥ need (catalog order breaks ties)."""
+    ok = [g for g in gpus if g.memory_bytes >= need_bytes]
+    return min(ok, key=lambda g: g.memory_bytes, default=None)
+
+
+def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: TrainSpec,
+                 gpus: Sequence[GpuSpec], calib: Mapping[str, Any]) -> MemoryTable:
+    """Device total per model × method at one setup (the method varies, all else fixed)."""
+    cells = []
+    for m in models:
+        for method in methods:
+            s = per_gpu(m, replace(train, method=method), calib)
+            cells.append(Cell(m.name, s.base.params_total, method, s.device_total_bytes,
+                              smallest_gpu(s.device_total_bytes, gpus)))
+    settings = {**train.as_dict(), "optimizer": {k: replace(train, method=k).resolved_optimizer
+                                                 for k in methods},
+                "calibration": calib.get("name", "default"),
+                "calibration_status": calib.get("status", "fitted")}
+    del settings["method"]
+    return MemoryTable(tuple(m.name for m in models), tuple(methods), tuple(cells),
+                       caption(train, methods, calib), settings)
+
+
+def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) -> str:
+    """Every assumption behind the numbers, in one paragraph."""
+    t = train
+    opts = ", ".join(f"{k} {replace(t, method=k).resolved_optimizer}" for k in methods)
+    parts = [
+        "Estimated device total per GPU (what nvidia-smi shows: reserved + CUDA context + paged "
+        "optimizer states), GiB = 2^30 bytes, for one training step",
+        f"seq_len {t.seq_len}, micro-batch {t.batch}, precision {t.precision}, "
+        f"gradient checkpointing {'on' if t.grad_ckpt else 'off'}, attention {t.attn}",
+        f"optimizers: {opts}",
+    ]
+    if any(k != "full" for k in methods):
+        parts.append(f"LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout {t.lora_dropout}, "
+                     f"targets {t.lora_targets}")
+    if "qlora" in methods:
+        parts.append(f"QLoRA {t.quant}, double quant {'on' if t.double_quant else 'off'}")
+    parts.append("no sharding" if t.shard == "none" else f"{t.shard} over {t.num_gpus} GPUs")
+    status = calib.get("status", "fitted")
+    parts.append(f"calibration {calib.get('name', 'default')} ({status})")
+    parts.append("GPU = the smallest-memory catalog GPU whose memory is at least the estimate")
+    return "; ".join(parts) + "."
+
+
+def _cell_text(c: Cell) -> str:
+    where = c.gpu.key if c.gpu else "none fits"
+    return f"{c.device_total_bytes / GIB:.1f} GiB ({where})"
+
+
+def _grid(t: MemoryTable) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "params (B)"] + list(t.methods)
+    rows = []
+    for name in t.models:
+        first = t.cell(name, t.methods[0])
+        rows.append([name, f"{first.params / 1e9:.1f}"] +
+                    [_cell_text(t.cell(name, k)) for k in t.methods])
+    return head, rows
+
+
+def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table (text left, numbers as given)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_table(t: MemoryTable, fmt: str) -> str:
+    """The memory table as md, csv, html or json (csv/json: exact bytes, one row per cell)."""
+    if fmt == "json":
+        return json.dumps({"caption": t.caption, "settings": t.settings,
+                           "rows": [c.as_dict() for c in t.cells]}, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        buf.write(f"# {t.caption}\n")
+        keys = list(Cell("", 0, "", 0, None).as_dict())
+        w.writerow(keys)
+        for c in t.cells:
+            w.writerow(["" if v is None else v for v in c.as_dict().values()])
+        return buf.getvalue().rstrip("\n")
+    head, rows = _grid(t)
+    if fmt == "md":
+        return markdown(head, rows) + f"\n\n{t.caption}"
+    if fmt == "html":
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>\n"
+                       for r in rows)
+        return (f"<table>\n<caption>{html.escape(t.caption)}</caption>\n<tr>{th}</tr>\n"
+                f"{body}</table>")
+    raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def _num(x: float | None, spec: str) -> str:
+    return MISSING if x is None else format(x, spec)
+
+
+def fit_rows(p: Plan) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the `fit` table (GiB for display)."""
+    head = ["gpu", "GiB", "fits", "headroom GiB", "headroom %", "max seq", "max batch",
+            "min GPUs", "h/1B tok*", "$/1B tok*"]
+    rows = []
+    for f in p.fits:
+        c = f.cost
+        gpus = MISSING if f.min_gpus is None else \
+            (f"{f.min_gpus}" + (f" {f.min_gpus_shard}" if f.min_gpus_shard != "none" else ""))
+        rows.append([f.gpu.key, f"{f.gpu.memory_bytes / GIB:.1f}", "yes" if f.fits else "no",
+                     f"{f.headroom_bytes / GIB:+.1f}", f"{f.headroom_pct:+.0f}",
+                     _num(f.max_seq_len, "d"), _num(f.max_batch, "d"), gpus,
+                     _num(c.hours_per_billion_tokens if c else None, ",.0f"),
+                     _num(c.usd_per_billion_tokens if c else None, ",.0f")])
+    return head, rows
+
+
+def render_fit_text(p: Plan, mfu: float) -> str:
+    """The answer, the per-GPU table, and the footnote on the time/cost estimate."""
+    head, rows = fit_rows(p)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
+                              for i, (x, w) in enumerate(zip(r, widths)))
+    lines = [p.answer, "", fmt(head)] + [fmt(r) for r in rows]
+    lines += ["", f"* ESTIMATE: hours and USD per 10^9 training tokens at an assumed MFU of "
+              f"{mfu:.0%} of dense peak bf16 (fp16 for T4/V100), on the GPUs the run needs (num-gpus "
+              "if it fits, else min GPUs); "
+              "price = indicative on-demand list price per GPU-hour (- = no price in the catalog).",
+              "max seq / max batch: largest value that fits with everything else fixed "
+              "(1-token / 1-sequence resolution)."]
+    return "\n".join(lines)

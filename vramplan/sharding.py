@@ -1,0 +1,180 @@
+"""Per-GPU memory under ZeRO-1/2/3 or FSDP full sharding, from a single-GPU estimate.
+
+Per GPU, with N data-parallel ranks and Ψ trainable parameters (Rajbhandari et al. 2020,
+arXiv:1910.02054 §5, Fig. 1; the FSDP paper, Zhao et al. 2023, arXiv:2304.11277 §3):
+
+    none   : W + G + O
+    zero1  : W + G + O/N                              (P_os)
+    zero2  : W + (G + O)/N                            (P_os+g)
+    zero3  : (W + G + O)/N + gathered working set     (P_os+g+p)
+    fsdp   : same as zero3 (FULL_SHARD)
+
+The gathered working set is the unsharded parameters of the unit being computed plus the
+prefetched next one (forward and backward prefetch), and the unsharded gradients of one unit
+before its reduce-scatter. Each decoder layer is one wrap unit (transformer auto-wrap policy);
+the embedding and the lm_head are taken as units of their own. Activations are never divided
+(ZeRO-R partitions activations only under model parallelism, §6). Quantisation constants of
+FSDP + QLoRA are not sharded: the bnb ``QuantState`` is module state, not a flat parameter
+(bitsandbytes ``docs/source/fsdp_qlora.md``); the packed 4-bit storage is.
+
+Not modelled: NCCL buffers, DeepSpeed's bucketed communication buffers, CPU offload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from vramplan.model import overhead
+from vramplan.model.dtypes import dtypes_for
+from vramplan.model.estimate import Estimate
+from vramplan.model.params import Tensor, lora_tensors, param_tensors
+from vramplan.model.terms import PHASES, Breakdown, Term
+from vramplan.specs import ModelSpec, TrainSpec
+from vramplan.units import ceil_div
+
+#: Which term groups each scheme divides by N (ZeRO §5: P_os, P_os+g, P_os+g+p).
+SHARDED_GROUPS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "zero1": ("optimizer",),
+    "zero2": ("optimizer", "gradients"),
+    "zero3": ("optimizer", "gradients", "weights"),
+    "fsdp": ("optimizer", "gradients", "weights"),
+}
+#: Terms never sharded even when their group is: bnb QuantState is module state, not a parameter.
+UNSHARDED_KEYS = frozenset({"weights.quant_constants"})
+#: Activation terms sized by the whole model's weights (copies of every layer's parameters): under
+#: ZeRO-3/FSDP the copies are made of gathered units and freed with them, so they scale as the
+#: parameters do. One-layer copies (dequant buffer, layer casts) are not divided.
+WHOLE_MODEL_COPIES = frozenset({"activations.autocast_weight_cache",
+                                "activations.moe_merged_experts_rest"})
+#: Schemes that gather parameters on demand (and so hold a working set of full units).
+GATHERING = frozenset({"zero3", "fsdp"})
+#: Units gathered at once: the current one plus one prefetched (FSDP forward/backward prefetch,
+#: DeepSpeed stage3 prefetch); see arXiv:2304.11277 §3.3.
+GATHERED_UNITS = 2
+#: Parameters are resharded after backward, so gathered units are absent at the optimizer step.
+GATHER_PHASES = tuple(p for p in PHASES if p != "optimizer_step")
+UNIT_GRAD_PHASES = ("down_backward", "layer_backward", "last_layer_backward")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedEstimate:
+    """Per-GPU terms and the three levels of one setup under a sharding scheme."""
+
+    base: Estimate
+    shard: str
+    num_gpus: int
+    breakdown: Breakdown
+    phase_bytes: Mapping[str, int]
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_total_bytes: int
+
+    def model_state_bytes(self) -> int:
+        """Per-GPU weights + gradients + optimizer terms, without the gathered working set."""
+        return sum(t.nbytes for t in self.breakdown.terms
+                   if t.key.split(".")[0] in ("weights", "gradients", "optimizer")
+                   and not t.key.endswith("gathered_units") and not t.key.endswith("unit_grads"))
+
+
+def shard_term(t: Term, n: int) -> Term:
+    """The per-rank share of one term: ceil(bytes / N) (uneven shards are padded up)."""
+    return replace(t, nbytes=ceil_div(t.nbytes, n), formula=f"({t.formula}) / N_gpus")
+
+
+def layer_unit_tensors(m: ModelSpec, train: TrainSpec) -> tuple[Tensor, ...]:
+    """The parameter tensors of one decoder layer, adapters included (count = copies per layer)."""
+    L = m.num_hidden_layers
+    per_layer = [x for x in param_tensors(m) if x.kind not in ("embed", "lm_head")
+                 and x.name != "final_norm"]
+    per_layer += list(lora_tensors(m, train))
+    return tuple(replace(x, count=x.count // L) for x in per_layer)
+
+
+def tensor_bytes(x: Tensor, train: TrainSpec, device: str) -> int:
+    """Stored bytes of one tensor as the estimate keeps it (packed 4-bit or int8 for QLoRA linears)."""
+    d = dtypes_for(train, device)
+    if x.kind == "lora":
+        return x.params * d.trainable
+    if train.method == "qlora":
+        if x.kind == "linear":
+            return x.params if train.quant == "int8" else ceil_div(x.numel, 2) * x.count
+        return x.params * d.nonquant
+    return x.params * d.load
+
+
+def unit_bytes(m: ModelSpec, train: TrainSpec, device: str) -> tuple[int, int, int]:
+    """(largest unit's bytes, one layer unit's bytes, one layer's trainable params).
+
+    Units: one decoder layer, the embedding, the lm_head (untied). Ref: FSDP
+    ``transformer_auto_wrap_policy``; arXiv:2304.11277 §3.2.
+    """
+    layer = layer_unit_tensors(m, train)
+    layer_bytes = sum(tensor_bytes(x, train, device) for x in layer)
+    others = [tensor_bytes(x, train, device) for x in param_tensors(m)
+              if x.kind in ("embed", "lm_head")]
+    trainable = sum(x.params for x in layer if train.method == "full" or x.kind == "lora")
+    return max([layer_bytes, *others]), layer_bytes, trainable
+
+
+def gathered_terms(m: ModelSpec, train: TrainSpec, device: str) -> tuple[Term, ...]:
+    """The ZeRO-3/FSDP working set: full units gathered on demand, and one unit's full grads.
+
+    bytes = unit_max + (GATHERED_UNITS − 1) · unit_layer, and P_t/layer · e_grad
+    Ref: arXiv:1910.02054 §5.3 (P_p: parameters broadcast on demand); arXiv:2304.11277 §3.3
+    (prefetching); PHYSICS-REFERENCE §7.2.
+    """
+    biggest, layer, layer_trainable = unit_bytes(m, train, device)
+    e_grad = dtypes_for(train, device).trainable
+    return (
+        Term("weights.gathered_units", biggest + (GATHERED_UNITS - 1) * layer,
+             f"max unit + {GATHERED_UNITS - 1} x layer unit (full, stored dtype)",
+             "arXiv:1910.02054 §5.3; arXiv:2304.11277 §3.3 (all-gather + prefetch)",
+             phases=GATHER_PHASES),
+        Term("gradients.unit_grads", layer_trainable * e_grad, "P_t/layer * sizeof(grad)",
+             "unsharded grads of one unit before reduce-scatter (arXiv:2304.11277 §3)",
+             phases=UNIT_GRAD_PHASES),
+    )
+
+
+def shard_estimate(est: Estimate, train: TrainSpec, calib: Mapping[str, Any]) -> ShardedEstimate:
+    """Per-GPU memory of `est` under ``train.shard`` over ``train.num_gpus`` ranks.
+
+    Terms of the sharded groups are divided by N; the peak is recomputed with the same phase
+    model (each term's ``phases``), then reserved adds the calibrated allocator slack on the new
+    peak and the device total adds the device-level terms (CUDA context, paged states).
+    """
+    n, scheme = train.num_gpus, train.shard
+    groups = SHARDED_GROUPS[scheme]
+    kept = []
+    for t in est.breakdown.terms:
+        if t.key == "overhead.allocator_slack":
+            continue  # recomputed on the new peak below
+        shardable = (t.key.split(".")[0] in groups and t.key not in UNSHARDED_KEYS) or \
+            (scheme in GATHERING and t.key in WHOLE_MODEL_COPIES)
+        kept.append(shard_term(t, n) if shardable and n > 1 else t)
+    if scheme in GATHERING:
+        kept.extend(gathered_terms(est.model, est.train, est.device))
+    alloc = Breakdown(tuple(kept))
+    phases = {p: alloc.phase_bytes(p) for p in PHASES}
+    peak_phase = max(PHASES, key=lambda p: phases[p])
+    peak = phases[peak_phase]
+    slack = overhead.allocator_slack_term(calib, peak, est.device)
+    terms = (*kept, *slack)
+    notes = est.breakdown.notes + ((f"per GPU under {scheme} over {n} GPUs (ZeRO §5 / FSDP); "
+                                    "NCCL and communication buckets not modelled",)
+                                   if scheme != "none" else ())
+    full = Breakdown(terms, inputs=est.breakdown.inputs, notes=notes)
+    reserved = peak + sum(t.nbytes for t in slack)
+    device_total = reserved + sum(t.nbytes for t in terms if t.level == "device")
+    return ShardedEstimate(est, scheme, n, full, phases, peak_phase, peak, reserved, device_total)
+
+
+def sharded_view(s: ShardedEstimate) -> Estimate:
+    """The sharded result as an :class:`Estimate` (per GPU), for the breakdown renderers."""
+    return replace(s.base, breakdown=s.breakdown, phase_bytes=s.phase_bytes,
+                   peak_phase=s.peak_phase, peak_allocated_bytes=s.peak_allocated_bytes,
+                   peak_reserved_bytes=s.peak_reserved_bytes, device_total_bytes=s.device_total_bytes)
+
