@@ -15,7 +15,10 @@ before its reduce-scatter. Each decoder layer is one wrap unit (transformer auto
 the embedding and the lm_head are taken as units of their own. Activations are never divided
 (ZeRO-R partitions activations only under model parallelism, §6). Quantisation constants of
 FSDP + QLoRA are not sharded: the bnb ``QuantState`` is module state, not a flat parameter
-(bitsandbytes ``docs/source/fsdp_qlora.md``); the packed 4-bit storage is.
+(bitsandbytes ``docs/source/fsdp_qlora.md``); the packed 4-bit storage is. Activation-group
+terms that are copies of the whole model's weights (autocast weight cache, merged MoE experts of the
+other layers) are divided with the weights under ZeRO-3/FSDP, since those copies are made of
+gathered units and freed with them.
 
 Not modelled: NCCL buffers, DeepSpeed's bucketed communication buffers, CPU offload.
 """

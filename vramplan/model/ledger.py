@@ -95,9 +95,10 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
     else:
         out_e = x.e
     width = lin.out_features
-    live_input = 0 if x.name in led.saved else x.width * x.e  # the caller still holds x
     if c.adapted(lin):
         lora_branch(c, led, x, lin)
+    live_input = 0 if x.name in led.saved else x.width * x.e  # the caller still holds x
+    if c.adapted(lin):
         # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum
         lora_e = d.compute if d.autocast else FP32
         led.in_flight(live_input + width * (out_e + lora_e + promote(out_e, lora_e)))

@@ -24,7 +24,8 @@ CURRENT_MODELS = ("llama-3.1-8b", "llama-3.1-70b", "qwen2.5-7b", "qwen2.5-14b", 
 PLOT_MODEL = "llama-2-70b"
 PLOT_METHOD = "qlora"
 #: The seed's 65B comparison (GB as the seed writes them) and the precision each row implies.
-SEED_65B = (("full", "fp16", 570), ("lora", "fp16", 132), ("qlora", "mixed", 23))
+SEED_65B = (("full", "fp16", "fp16", 570), ("lora", "fp16", "fp16", 132),
+            ("qlora", "mixed", "nf4 + bf16 compute", 23))
 SEED_65B_MODEL = "llama-65b"
 #: The seed's QLoRA hardware table: model profile -> GB.
 SEED_QLORA = (("llama-7b", "7B", 6), ("llama-13b", "13B", 10), ("llama-33b", "30B", 16),
@@ -63,6 +64,8 @@ def peak_terms(s: ShardedEstimate) -> dict[str, int]:
         if s.peak_phase not in t.phases and t.level == "allocated":
             continue
         name = next((b for b, keys in BUNDLES.items() if t.key in keys), LABELS.get(t.key, t.key))
+        if t.key.startswith("gradients."):
+            name = "gradients"
         out[name] = out.get(name, 0) + t.nbytes
     return out
 
@@ -97,9 +100,9 @@ def seed_claims_markdown(calib: Mapping[str, Any], base: TrainSpec = TrainSpec()
     """The seed's 65B comparison and QLoRA hardware table beside vramplan's device totals."""
     head = ["claim", "seed (GB)", "vramplan (GB)", "ratio", "why they differ (generated)"]
     m65 = load_model(SEED_65B_MODEL)
-    rows65 = [_claim_row(f"65B {method} ({precision})", seed,
+    rows65 = [_claim_row(f"65B {method} ({label})", seed,
                          per_gpu(m65, replace(base, method=method, precision=precision), calib))
-              for method, precision, seed in SEED_65B]
+              for method, precision, label, seed in SEED_65B]
     rowsq = [_claim_row(f"{label} QLoRA ({name})", seed,
                         per_gpu(load_model(name), replace(base, method="qlora"), calib))
              for name, label, seed in SEED_QLORA]

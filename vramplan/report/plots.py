@@ -70,7 +70,7 @@ def plot_maxseq(model: str, method: str, rows: Sequence[tuple[str, int | None]])
                     + bar.get_height() / 2), fontsize=7, va="center", xytext=(3, 0),
                     textcoords="offset points")
     ax.set_xlabel("max sequence length that fits [tokens]")
-    ax.set_title(f"{model} {method}: max sequence length per GPU (estimate, batch fixed)")
+    ax.set_title(f"{model} {method}: max seq_len per GPU (estimate)")
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()

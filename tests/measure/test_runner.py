@@ -1,0 +1,103 @@
+"""The runner: one subprocess per case, failures recorded as outcomes, resume, progress lines."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from vramplan.measure.records import read_records  # noqa: E402
+from vramplan.measure.runner import run_matrix  # noqa: E402
+
+MATRIX = """
+name = "runner-test"
+[defaults]
+warmup_steps = 1
+measured_steps = 1
+precision = "bf16"
+optimizer = "adamw"
+lora_r = 4
+lora_dropout = 0.0
+seq_len = 32
+[[case]]
+id = "fails"
+model = "validation/configs/llama-tiny.json"
+method = "lora"
+[[case]]
+id = "ok"
+model = "validation/configs/llama-gqa-tiny.json"
+method = "qlora"
+grad_ckpt = false
+[[case]]
+id = "crashes"
+model = "validation/configs/llama-tiny.json"
+method = "lora"
+[[case]]
+id = "no-such-model"
+model = "validation/configs/does-not-exist.json"
+method = "lora"
+[[case]]
+id = "hangs"
+model = "validation/configs/llama-tiny.json"
+method = "lora"
+"""
+
+
+@pytest.fixture
+def matrix(tmp_path, monkeypatch):
+    """A matrix whose cases fail, crash and hang through the worker's test hooks."""
+    monkeypatch.setenv("VRAMPLAN_TEST_FAIL", "fails")
+    monkeypatch.setenv("VRAMPLAN_TEST_CRASH", "crashes")
+    monkeypatch.setenv("VRAMPLAN_TEST_HANG", "hangs")
+    path = tmp_path / "m.toml"
+    path.write_text(MATRIX)
+    return path
+
+
+def test_runner_keeps_going_after_failing_cases(matrix, tmp_path):
+    """Failing, crashing and unknown-model cases are recorded as errors; the good case is measured."""
+    out, log = tmp_path / "out.jsonl", io.StringIO()
+    records = run_matrix(matrix, "cpu", out, only=["fails", "ok", "crashes", "no-such-model"],
+                         progress=log)
+    assert [r["case_id"] for r in records] == ["fails", "ok", "crashes", "no-such-model"]
+    on_disk = {r["case_id"]: r for r in read_records(out)}
+    assert on_disk.keys() == {"fails", "ok", "crashes", "no-such-model"}
+    assert on_disk["fails"]["outcome"] == "error"
+    assert "fails on purpose" in on_disk["fails"]["error"]
+    assert on_disk["crashes"]["outcome"] == "error"
+    assert "exited with status 3" in on_disk["crashes"]["error"]
+    assert on_disk["no-such-model"]["outcome"] == "error"
+    assert "does-not-exist.json" in on_disk["no-such-model"]["error"]
+    ok = on_disk["ok"]
+    assert ok["outcome"] == "ok" and ok["error"] is None and ok["device"] == "cpu"
+    assert ok["matrix"] == "runner-test" and ok["model"] == "validation/configs/llama-gqa-tiny.json"
+    assert ok["setup"]["method"] == "qlora" and ok["setup"]["seq_len"] == 32
+    m = ok["measured"]
+    assert m["peak_allocated_bytes"] > m["resident_bytes"] > 0
+    assert set(m["phases"]) == {"forward", "backward", "optimizer"}
+    assert m["peak_reserved_bytes"] is None and m["device_total_bytes"] is None
+    for key in ("python", "torch", "transformers", "peft", "bitsandbytes", "accelerate",
+                "platform", "device_name", "driver", "cuda", "git_commit", "cpu_autocast_shim"):
+        assert key in ok["env"], key
+    assert ok["timing"]["wall_s"] > 0 and ok["timing"]["started"]
+    assert isinstance(ok["command"], str)
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("[1/4] fails ... error ")
+    assert any(line.startswith("[2/4] ok ... ok ") and "ETA" in line for line in lines)
+    # every record line is one complete JSON object
+    assert all(json.loads(line) for line in out.read_text().splitlines())
+
+
+def test_timeout_and_resume(matrix, tmp_path):
+    """A hanging case is killed at the timeout; resume skips recorded ids."""
+    out = tmp_path / "out.jsonl"
+    [rec] = run_matrix(matrix, "cpu", out, only="hang*", timeout=3, progress=None)
+    assert rec["outcome"] == "error" and rec["error"].startswith("timeout")
+    first = out.read_text()
+    again = run_matrix(matrix, "cpu", out, only=["hangs", "fails"], resume=True, progress=None)
+    assert [r["case_id"] for r in again] == ["fails"]  # "hangs" is already recorded
+    assert out.read_text().startswith(first)
+    assert run_matrix(matrix, "cpu", out, only="hangs,fails", resume=True, progress=None) == []

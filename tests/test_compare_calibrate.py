@@ -1,0 +1,60 @@
+"""check's comparison logic and calibrate's least-squares fit, on synthetic records."""
+
+from __future__ import annotations
+
+import pytest
+
+from vramplan.calibrate import check_fittable, fit
+from vramplan.compare import compare_record, estimate_for
+from vramplan.specs import SpecError, TrainSpec
+
+
+def record(calib, device="cuda", scale=1.0, outcome="ok", capacity=None, **setup):
+    """A record whose measured levels are the estimate's own, scaled."""
+    r = {"case_id": f"c{len(setup)}-{scale}", "model": "qwen2.5-0.5b", "device": device,
+         "setup": TrainSpec(seq_len=512, **setup).as_dict(), "outcome": outcome,
+         "env": {"device_memory_bytes": capacity} if capacity else {}}
+    est = estimate_for(r, calib)
+    r["measured"] = {"peak_allocated_bytes": int(est.peak_allocated_bytes * scale),
+                     "peak_reserved_bytes": int(est.peak_reserved_bytes * scale),
+                     "device_total_bytes": int(est.device_total_bytes * scale)}
+    return r
+
+
+def test_exact_record_passes(calib):
+    c = compare_record(record(calib), calib)
+    assert c.ok and all(abs(e) < 1e-6 for e in c.errors.values())
+
+
+def test_record_off_by_more_than_tolerance_fails(calib):
+    c = compare_record(record(calib, scale=1.10), calib, tolerance=0.05)
+    assert not c.ok and "off by" in c.problems[0]
+
+
+def test_oom_that_the_model_says_fits_fails(calib):
+    r = record(calib, outcome="oom", capacity=10**12)
+    assert not compare_record(r, calib).ok
+    r = record(calib, outcome="oom", capacity=10**6)  # predicted not to fit: consistent
+    assert compare_record(r, calib).ok
+
+
+def test_calibrate_recovers_known_constants(calib):
+    records = []
+    for seq in (512, 1024, 2048):
+        r = record(calib, method="lora", optimizer="adamw")
+        r["setup"]["seq_len"] = seq
+        est = estimate_for(r, calib)
+        a = est.peak_allocated_bytes
+        r["measured"] = {"peak_allocated_bytes": a, "peak_reserved_bytes": int(a * 1.08),
+                         "device_total_bytes": int(a * 1.08) + 700 * 2**20}
+        r["case_id"] = f"s{seq}"
+        records.append(r)
+    out = fit(records, calib)
+    assert out["allocator_slack"]["fraction"] == pytest.approx(0.08, abs=1e-4)
+    assert out["cuda_context"]["bytes"] == pytest.approx(700 * 2**20, abs=2)
+    assert out["fitted_on"] == ["s512", "s1024", "s2048"]
+
+
+def test_calibrate_refuses_analytic_terms():
+    with pytest.raises(SpecError, match="derived by the analytic model"):
+        check_fittable(["cuda_context", "weights.base"])

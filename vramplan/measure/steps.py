@@ -1,0 +1,128 @@
+"""Run warm-up and measured optimizer steps on random tokens, under a memory probe.
+
+A step is what a training loop does: forward (``model(input_ids=ids, labels=ids).loss``),
+``loss.backward()``, ``optimizer.step()``, ``optimizer.zero_grad(set_to_none=True)``. Precision
+"mixed" runs the forward under bf16 autocast, as HF Trainer (accelerate) does with ``bf16=True``;
+the other precisions run a plain loop without autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from vramplan.specs import TrainSpec
+
+LR = 1e-4
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
+    """The optimizer a user gets for ``name`` (HF Trainer 5.x defaults; adamw = adamw_torch_fused)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=LR, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=LR)
+    import bitsandbytes as bnb
+
+    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return classes[name](params, lr=LR)
+
+
+@contextlib.contextmanager
+def cpu_autocast_shim() -> Iterator[None]:
+    """Make ``torch.is_autocast_enabled()`` (no argument) report CPU autocast, for CPU runs only.
+
+    peft's bitsandbytes LoRA layers decide whether to cast the input to the adapter dtype with
+    ``torch.is_autocast_enabled()``, which without an argument asks about CUDA autocast only. On a
+    GPU under bf16 autocast it says True and peft leaves the cast to autocast; on CPU it would say
+    False and peft would make extra fp32 copies a GPU run never makes. Answering for the CPU here
+    emulates the CUDA semantics so the CPU measurement describes the GPU pipeline. Calls with a
+    device argument are untouched. The original function is restored on exit.
+    """
+    original = torch.is_autocast_enabled
+
+    def shim(*args: Any, **kwargs: Any) -> bool:
+        """CPU autocast state when asked without a device; else the original answer."""
+        if not args and not kwargs:
+            return original("cpu")
+        return original(*args, **kwargs)
+
+    torch.is_autocast_enabled = shim
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = original
+
+
+def needs_shim(train: TrainSpec, device: str) -> bool:
+    """The CPU autocast shim applies to mixed precision on CPU."""
+    return torch.device(device).type == "cpu" and train.precision == "mixed"
+
+
+def forward_context(train: TrainSpec, device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for "mixed" (HF Trainer ``bf16=True``), nothing otherwise."""
+    if train.precision == "mixed":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def random_batch(vocab: int, train: TrainSpec, device: str) -> torch.Tensor:
+    """Random token ids of shape (batch, seq_len) on ``device``."""
+    return torch.randint(0, vocab, (train.batch, train.seq_len), device=device)
+
+
+def one_step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, train: TrainSpec,
+             device: str, probe: Any) -> float:
+    """One optimizer step with probe phases; returns the loss value."""
+    probe.start_phase("forward")
+    with forward_context(train, device):
+        loss = model(input_ids=ids, labels=ids).loss
+    probe.end_phase()
+    probe.start_phase("backward")
+    loss.backward()
+    probe.end_phase()
+    probe.start_phase("optimizer")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    probe.end_phase()
+    value = float(loss.detach())
+    del loss
+    return value
+
+
+def run_steps(model: Any, train: TrainSpec, device: str, warmup: int, measured: int,
+              probe: Any) -> dict[str, Any]:
+    """Warm-up then measured steps under ``probe``; returns measured levels, losses and timings.
+
+    The input batch is made before the probe starts (a data loader's batch is not part of the
+    step). ``probe.begin`` counts what is resident before the first step; ``end_warmup`` resets
+    peaks so only the measured steps count, while optimizer states and allocator pools created in
+    warm-up stay in place.
+    """
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, train.resolved_optimizer)
+    ids = random_batch(model.config.get_text_config().vocab_size, train, device)
+    shim = needs_shim(train, device)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with cpu_autocast_shim() if shim else contextlib.nullcontext():
+        probe.begin(model)
+        try:
+            for _ in range(warmup):
+                losses.append(one_step(model, opt, ids, train, device, probe))
+            t1 = time.perf_counter()
+            probe.end_warmup()
+            for _ in range(measured):
+                losses.append(one_step(model, opt, ids, train, device, probe))
+        finally:
+            probe.stop()
+    t2 = time.perf_counter()
+    return {"measured": probe.result(), "losses": losses, "cpu_autocast_shim": shim,
+            "trainable_params": sum(p.numel() for p in params),
+            "warmup_s": round(t1 - t0, 3), "measured_s": round(t2 - t1, 3)}
