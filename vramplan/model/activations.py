@@ -182,15 +182,19 @@ def moe_merged_expert_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term
     checkpointing every layer's copy lives until its backward; with it, one layer's at a time.
     Ref: peft ``tuners/lora/layer.py::_LoraFactorsProxy``, ``ParamWrapper._activate_lora``.
     """
-    per_layer = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * d.nonquant
+    # Under autocast each expert's merged fp32 slice is a non-leaf: cast to bf16 per call (no
+    # cache) and saved by the matmul, so a bf16 copy of the merged stack sits beside it.
+    cast_e = d.compute if d.autocast and d.nonquant != d.compute else 0
+    per_layer = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * (d.nonquant + cast_e)
     L = m.num_hidden_layers
     one_phases = ("layer_forward",) + RECOMPUTE + BWD_WORK if t.grad_ckpt else \
         UNTIL_FIRST_BWD + ("last_layer_backward",)
-    terms = [Term("activations.moe_merged_experts", per_layer, "3 * E * I * h * e_param",
+    terms = [Term("activations.moe_merged_experts", per_layer,
+                  "3 * E * I * h * (e_param + e_autocast_copy)",
                   "merged W + B·A expert stack of the running layer", phases=one_phases)]
     if not t.grad_ckpt:
         terms.append(Term("activations.moe_merged_experts_rest", (L - 1) * per_layer,
-                          "(L - 1) * 3 * E * I * h * e_param",
+                          "(L - 1) * 3 * E * I * h * (e_param + e_autocast_copy)",
                           "merged expert stacks saved by the other layers", phases=UNTIL_FIRST_BWD))
     return tuple(terms)
 
