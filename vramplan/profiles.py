@@ -89,6 +89,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
             num_experts_per_tok=int(config.get("num_experts_per_tok") or 0),
             final_logit_softcapping=config.get("final_logit_softcapping"),
             scaled_embeddings=fam.get("scaled_embeddings", False),
+            sliding_window=config.get("sliding_window") if model_type == "gemma2" else None,
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, SpecError):

@@ -54,6 +54,7 @@ class ModelSpec:
     num_experts_per_tok: int = 0
     final_logit_softcapping: float | None = None  # gemma2: tanh soft-capping of the logits
     scaled_embeddings: bool = False  # gemma: embeddings multiplied by sqrt(hidden_size)
+    sliding_window: int | None = None  # gemma2: every other layer attends to this many tokens
 
     def __post_init__(self) -> None:
         for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -121,6 +121,13 @@ def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
         Term("activations.token_ids", 2 * INT64 * n, "2 * N * 8 (input_ids, labels)",
              "int64 token tensors of the step", phases=ALL_ACT),
     ]
+    if t.attn == "eager":
+        s = t.seq_len
+        masks = 2 if m.sliding_window and m.sliding_window < s else 1
+        terms.append(Term("activations.attention_masks", masks * t.batch * s * s * d.nonquant,
+                          f"{masks} * b * s^2 * e_emb", "transformers masking_utils eager "
+                          "masks (additive, in the embedding dtype), one per mask kind, "
+                          "shared by all layers", phases=ALL_ACT))
     if t.method == "full":
         e_in = d.compute if d.autocast else d.load
         terms.append(Term("activations.lm_head_input", h * e_in * n, "N * h * e",
@@ -182,19 +189,16 @@ def moe_merged_expert_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term
     checkpointing every layer's copy lives until its backward; with it, one layer's at a time.
     Ref: peft ``tuners/lora/layer.py::_LoraFactorsProxy``, ``ParamWrapper._activate_lora``.
     """
-    # Under autocast each expert's merged fp32 slice is a non-leaf: cast to bf16 per call (no
-    # cache) and saved by the matmul, so a bf16 copy of the merged stack sits beside it.
-    cast_e = d.compute if d.autocast and d.nonquant != d.compute else 0
-    per_layer = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * (d.nonquant + cast_e)
+    per_layer = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * d.nonquant
     L = m.num_hidden_layers
     one_phases = ("layer_forward",) + RECOMPUTE + BWD_WORK if t.grad_ckpt else \
         UNTIL_FIRST_BWD + ("last_layer_backward",)
     terms = [Term("activations.moe_merged_experts", per_layer,
-                  "3 * E * I * h * (e_param + e_autocast_copy)",
+                  "3 * E * I * h * e_param",
                   "merged W + B·A expert stack of the running layer", phases=one_phases)]
     if not t.grad_ckpt:
         terms.append(Term("activations.moe_merged_experts_rest", (L - 1) * per_layer,
-                          "(L - 1) * 3 * E * I * h * (e_param + e_autocast_copy)",
+                          "(L - 1) * 3 * E * I * h * e_param",
                           "merged expert stacks saved by the other layers", phases=UNTIL_FIRST_BWD))
     return tuple(terms)
 

@@ -34,7 +34,8 @@ def gradient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     embed = sum(x.params for x in tensors if x.kind == "embed" and x.kind not in head_kinds)
     per_layer = (sum(x.params for x in tensors) - head - embed - _final_norm(m, t)) // L
     head += _final_norm(m, t)
-    step = ("optimizer_step",)
+    step = ("embedding_backward", "optimizer_step")
+    tied_full = t.method == "full" and m.tie_word_embeddings
     return (
         Term("gradients.head", head * e, "(V*h [untied] + h) * sizeof(param)",
              "lm_head and final-norm grads, made right after the loss backward",
@@ -46,6 +47,11 @@ def gradient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
              "a layer's own grads appear as its saved activations are released", phases=step),
         Term("gradients.embedding", embed * e, "V * h * sizeof(param) (full only)",
              "embedding grad, created last", phases=step),
+        Term("gradients.tied_embedding_accumulation",
+             2 * m.vocab_size * m.hidden_size * e if tied_full else 0,
+             "2 * V * h * sizeof(param) (tied, full only)",
+             "embedding_dense_backward output and its sum with the lm_head grad (AccumulateGrad)",
+             phases=("embedding_backward",)),
     )
 
 
