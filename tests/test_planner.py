@@ -20,22 +20,15 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("field,search", [("seq_len", max_seq_len), ("batch", max_batch)],
+                         ids=["max_seq", "max_batch"])
 @pytest.mark.parametrize("name,train,gpu", CASES.values(), ids=CASES.keys())
-def test_max_seq_fits_and_one_more_does_not(calib, name, train, gpu):
+def test_reported_maximum_fits_and_one_more_does_not(calib, name, train, gpu, field, search):
     m, g = load_model(name), load_gpu(gpu)
-    s = max_seq_len(m, train, g, calib)
-    assert s is not None
-    assert fits_on(m, replace(train, seq_len=s), g, calib)
-    assert not fits_on(m, replace(train, seq_len=s + 1), g, calib)
-
-
-@pytest.mark.parametrize("name,train,gpu", CASES.values(), ids=CASES.keys())
-def test_max_batch_fits_and_one_more_does_not(calib, name, train, gpu):
-    m, g = load_model(name), load_gpu(gpu)
-    b = max_batch(m, train, g, calib)
-    assert b is not None
-    assert fits_on(m, replace(train, batch=b), g, calib)
-    assert not fits_on(m, replace(train, batch=b + 1), g, calib)
+    best = search(m, train, g, calib)
+    assert best is not None
+    assert fits_on(m, replace(train, **{field: best}), g, calib)
+    assert not fits_on(m, replace(train, **{field: best + 1}), g, calib)
 
 
 def test_nothing_fits_gives_none(calib):
