@@ -6,7 +6,7 @@ N = b·s tokens per micro-batch. Per-layer bytes come from :mod:`vramplan.model.
 from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.ledger import FP32, LayerCtx, layer_ledger
+from vramplan.model.ledger import FP32, LayerCtx, Ledger, layer_ledger
 from vramplan.model.params import layer_linears, lora_tensors, param_tensors
 from vramplan.model.terms import Term
 from vramplan.specs import ModelSpec, TrainSpec
@@ -29,7 +29,7 @@ WEIGHT_SIZED = frozenset({"activations.dequant_buffer", "activations.lm_head_wei
                           "activations.moe_merged_experts", "activations.moe_merged_experts_rest"})
 
 
-def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
+def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple[Term, ...]:
     """Saved activations of the decoder layers and what is live while one layer runs.
 
     Without checkpointing every layer keeps its whole saved set until its backward
@@ -42,7 +42,6 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """
     n = t.seq_len * t.batch
     L = m.num_hidden_layers
-    led = layer_ledger(LayerCtx(m, t, d))
     per_layer = led.bytes_per_token()
     partial = Term("activations.layer_in_flight", led.peak_partial * n,
                    f"N * {led.peak_partial} (saved so far + the worst linear's outputs)",
@@ -80,7 +79,7 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     )
 
 
-def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
+def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple[Term, ...]:
     """Gradient buffers alive inside one layer's backward (e = the MLP intermediates' dtype).
 
     The incoming residual gradient (h·e_res) from the layer's (re)computation on; the product's
@@ -89,7 +88,6 @@ def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     released. Ref: PHYSICS-REFERENCE §5.3 (G·N), checked with the CPU storage tracker.
     """
     n = t.seq_len * t.batch
-    led = layer_ledger(LayerCtx(m, t, d))
     e = led.mlp_e
     width = m.intermediate_size * (m.num_experts_per_tok or 1)
     grads = max(0, 2 * width * e - led.down_input_bytes)
@@ -230,5 +228,6 @@ def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
 
 def activation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """All activation terms of one training step."""
-    return (*layer_terms(m, t, d), *workspace_terms(m, t, d), *head_terms(m, t, d),
+    led = layer_ledger(LayerCtx(m, t, d))  # one replay of a decoder layer serves both
+    return (*layer_terms(m, t, d, led), *workspace_terms(m, t, d, led), *head_terms(m, t, d),
             *logits_terms(m, t, d), *transient_terms(m, t, d))

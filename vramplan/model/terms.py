@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 GROUPS = ("weights", "gradients", "optimizer", "activations", "overhead")
-#: Phases of one training step at which live memory is evaluated (see model/peak.py).
+#: Phases of one training step at which live memory is evaluated (summed per phase in model/estimate.py).
 PHASES = ("layer_forward", "loss_forward", "loss_backward", "recompute_forward", "down_backward",
           "layer_backward", "last_layer_backward", "embedding_backward", "optimizer_step")
 ALWAYS = PHASES
