@@ -28,9 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from vramplan.model import overhead
 from vramplan.model.dtypes import dtypes_for
-from vramplan.model.estimate import Estimate
+from vramplan.model.estimate import Estimate, levels
 from vramplan.model.params import Tensor, lora_tensors, param_tensors
 from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.specs import ModelSpec, TrainSpec
@@ -160,19 +159,14 @@ def shard_estimate(est: Estimate, train: TrainSpec, calib: Mapping[str, Any]) ->
         kept.append(shard_term(t, n) if shardable and n > 1 else t)
     if scheme in GATHERING:
         kept.extend(gathered_terms(est.model, est.train, est.device))
-    alloc = Breakdown(tuple(kept))
-    phases = {p: alloc.phase_bytes(p) for p in PHASES}
-    peak_phase = max(PHASES, key=lambda p: phases[p])
-    peak = phases[peak_phase]
-    slack = overhead.allocator_slack_term(calib, peak, est.device)
-    terms = (*kept, *slack)
+    lv = levels(tuple(kept), calib, est.device)
+    terms = (*kept, *lv.slack)
     notes = est.breakdown.notes + ((f"per GPU under {scheme} over {n} GPUs (ZeRO §5 / FSDP); "
                                     "NCCL and communication buckets not modelled",)
                                    if scheme != "none" else ())
     full = Breakdown(terms, inputs=est.breakdown.inputs, notes=notes)
-    reserved = peak + sum(t.nbytes for t in slack)
-    device_total = reserved + sum(t.nbytes for t in terms if t.level == "device")
-    return ShardedEstimate(est, scheme, n, full, phases, peak_phase, peak, reserved, device_total)
+    return ShardedEstimate(est, scheme, n, full, lv.phase_bytes, lv.peak_phase,
+                           lv.peak_allocated_bytes, lv.peak_reserved_bytes, lv.device_total_bytes)
 
 
 def sharded_view(s: ShardedEstimate) -> Estimate:

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from vramplan.model import activations, optim, overhead, weights
 from vramplan.model.dtypes import dtypes_for
 from vramplan.model.params import total_params, trainable_params
-from vramplan.model.terms import PHASES, Breakdown
+from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.specs import ModelSpec, TrainSpec
 
 
@@ -46,18 +46,42 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
     terms = (*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
              *optim.gradient_terms(m, t, d), *optim.optimizer_terms(m, t, d, device),
              *activations.activation_terms(m, t, d), *overhead.workspace_term(calib, device))
+    terms = (*terms, *overhead.context_term(calib, device))
+    lv = levels(terms, calib, device)
+    full = Breakdown((*terms, *lv.slack), inputs={"model": m.name, **t.as_dict(), "device": device},
+                     notes=notes_for(m, t, calib, device))
+    return Estimate(m, t, device, full, total_params(m), trainable_params(m, t), lv.phase_bytes,
+                    lv.peak_phase, lv.peak_allocated_bytes, lv.peak_reserved_bytes,
+                    lv.device_total_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Levels:
+    """The three peak levels of a set of terms, and the allocator-slack term they imply."""
+
+    phase_bytes: Mapping[str, int]
+    peak_phase: str
+    slack: tuple[Term, ...]
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_total_bytes: int
+
+
+def levels(terms: tuple[Term, ...], calib: Mapping[str, Any], device: str) -> Levels:
+    """Phase model over `terms` (which must not hold the slack term yet).
+
+    Allocated-level terms are summed per phase (each term's ``phases``); the peak allocated is the
+    largest phase. Reserved adds the calibrated allocator slack on that peak; the device total
+    adds the device-level terms (CUDA context, paged optimizer states).
+    """
     base = Breakdown(terms)
     phases = {p: base.phase_bytes(p) for p in PHASES}
     peak_phase = max(PHASES, key=lambda p: phases[p])
-    peak_alloc = phases[peak_phase]
-    slack = overhead.allocator_slack_term(calib, peak_alloc, device)
-    full = Breakdown((*terms, *slack, *overhead.context_term(calib, device)),
-                     inputs={"model": m.name, **t.as_dict(), "device": device},
-                     notes=notes_for(m, t, calib, device))
-    reserved = peak_alloc + sum(x.nbytes for x in slack)
-    device_total = reserved + sum(x.nbytes for x in full.terms if x.level == "device")
-    return Estimate(m, t, device, full, total_params(m), trainable_params(m, t), phases, peak_phase,
-                    peak_alloc, reserved, device_total)
+    peak = phases[peak_phase]
+    slack = overhead.allocator_slack_term(calib, peak, device)
+    reserved = peak + sum(x.nbytes for x in slack)
+    device_total = reserved + sum(x.nbytes for x in terms if x.level == "device")
+    return Levels(phases, peak_phase, slack, peak, reserved, device_total)
 
 
 def effective_setup(m: ModelSpec, t: TrainSpec) -> TrainSpec:
