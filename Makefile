@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[harness,plots,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[harness,report,plots,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)
-	$(BIN)/vramplan docs --out docs
+	$(BIN)/vramplan docs --out docs --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -30,6 +30,10 @@ class Comparison:
     errors: Mapping[str, float]  # level -> (predicted - measured) / measured
     problems: tuple[str, ...] = field(default=())
     known_gap: str | None = None
+    notes: tuple[str, ...] = field(default=())  # e.g. "device level not measured (no NVML)"
+    source: str = ""  # the results file's stem ("h200", "cpu-ci")
+    device: str = "?"  # "cpu", or the GPU's name for CUDA records
+    family: str = "?"  # the model's model_type
 
     @property
     def ok(self) -> bool:
@@ -43,15 +47,35 @@ def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any]) -> Estimat
                     record.get("device", "cuda"))
 
 
+def device_of(record: Mapping[str, Any]) -> str:
+    """"cpu", or the CUDA device's name as the record's env gives it."""
+    if record.get("device", "cuda") != "cuda":
+        return "cpu"
+    return str((record.get("env") or {}).get("device_name") or "cuda")
+
+
+def unmeasured_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """What a successful CUDA record did not measure, and why (so it is never read as agreement)."""
+    measured = record.get("measured") or {}
+    if record.get("outcome") != "ok" or record.get("device", "cuda") != "cuda":
+        return ()
+    if measured.get("device_total_bytes") is None:
+        why = measured.get("device_level") or (record.get("env") or {}).get("nvml_error") \
+            or "no NVML reading"
+        return (f"device level not measured ({why})",)
+    return ()
+
+
 def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
-                   tolerance: float = DEFAULT_TOLERANCE) -> Comparison:
+                   tolerance: float = DEFAULT_TOLERANCE, source: str = "") -> Comparison:
     """Compare one record at every level it measured; an OOM must be predicted not to fit."""
     case_id = str(record.get("case_id", "?"))
+    where = {"source": source, "device": device_of(record)}
     try:
         est = estimate_for(record, calib)
     except (SpecError, KeyError) as exc:
         return Comparison(case_id, record.get("outcome", "?"), "?", {}, {}, {},
-                          (f"cannot re-estimate: {exc}",))
+                          (f"cannot re-estimate: {exc}",), **where)
     predicted = {lvl: getattr(est, lvl) for lvl in LEVELS}
     measured = dict.fromkeys(LEVELS)
     measured.update({k: v for k, v in (record.get("measured") or {}).items() if k in LEVELS})
@@ -72,4 +96,5 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
     else:
         problems.append(f"case failed: {str(record.get('error'))[:120]}")
     return Comparison(case_id, outcome, est.train.method, measured, predicted, errors,
-                      tuple(problems), record.get("known_gap"))
+                      tuple(problems), record.get("known_gap"), unmeasured_notes(record),
+                      family=est.model.model_type, **where)

@@ -85,14 +85,10 @@ def test_autograd_saved_tensors_are_counted_until_backward():
         assert tr.current_bytes >= 32 * 32 * 4  # the gradient is new and live
 
 
-def test_cuda_probe_protocol_with_fake_cuda_and_nvml(monkeypatch):
-    """CudaProbe + NvmlSampler driven through run_steps with torch.cuda and pynvml faked (no GPU)."""
+def fake_cuda(monkeypatch, nvml=True):
+    """torch.cuda faked (no GPU), and pynvml faked (or absent: importing it fails)."""
     import sys
     import types
-
-    from vramplan.measure import probes
-    from vramplan.measure.steps import run_steps
-    from vramplan.specs import TrainSpec
 
     state = {"alloc": 1000, "peak": 1000, "used": 5000}
 
@@ -112,24 +108,65 @@ def test_cuda_probe_protocol_with_fake_cuda_and_nvml(monkeypatch):
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=state["used"], total=10**9),
         nvmlDeviceGetComputeRunningProcesses=lambda h: [
             types.SimpleNamespace(pid=__import__("os").getpid(), usedGpuMemory=state["used"])])
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setitem(sys.modules, "pynvml", fake if nvml else None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: reset())
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["alloc"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: bump())
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: state["peak"] + 512)
-    baseline, facts = probes.nvml_baseline()
-    assert baseline == 5000 and facts == {"driver": "570.1", "device_memory_bytes": 10**9}
+    return state
+
+
+def run_fake_cuda_steps(baseline):
+    """Three phases of a tiny full fine-tune measured through CudaProbe."""
+    import types
+
+    from vramplan.measure import probes
+    from vramplan.measure.steps import run_steps
+    from vramplan.specs import TrainSpec
 
     model = torch.nn.Linear(8, 8)
     model.config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(vocab_size=8))
     model.forward = lambda input_ids, labels: types.SimpleNamespace(
         loss=torch.nn.functional.linear(input_ids.float(), model.weight).sum())
     train = TrainSpec(method="full", precision="fp32", optimizer="sgd", seq_len=8)
-    out = run_steps(model, train, "cpu", warmup=1, measured=2, probe=probes.CudaProbe(baseline))
-    m = out["measured"]
+    return run_steps(model, train, "cpu", warmup=1, measured=2, probe=probes.CudaProbe(baseline))
+
+
+def test_cuda_probe_protocol_with_fake_cuda_and_nvml(monkeypatch):
+    """CudaProbe + NvmlSampler driven through run_steps with torch.cuda and pynvml faked (no GPU)."""
+    from vramplan.measure import probes
+
+    fake_cuda(monkeypatch)
+    baseline, facts = probes.nvml_baseline()
+    assert baseline == 5000 and facts == {"driver": "570.1", "device_memory_bytes": 10**9}
+    m = run_fake_cuda_steps(baseline)["measured"]
     assert m["resident_bytes"] == 1000 and m["baseline_bytes"] == 5000
     assert set(m["phases"]) == {"forward", "backward", "optimizer"}
     assert m["peak_allocated_bytes"] == max(m["phases"].values())
     assert m["peak_reserved_bytes"] == max(m["phases_reserved"].values())
     assert m["device_total_bytes"] == 5000  # the process's NVML usage
+    assert m["device_level"].startswith("measured")
+
+
+def test_without_nvml_the_record_and_check_say_device_level_not_measured(monkeypatch, capsys,
+                                                                           calib):
+    """pynvml absent: the record says why the device level is missing, stderr says so, and
+    check reports "device level not measured" instead of counting it as agreement."""
+    from vramplan.compare import compare_record
+    from vramplan.measure import probes
+    from vramplan.specs import TrainSpec
+
+    fake_cuda(monkeypatch, nvml=False)
+    baseline, facts = probes.nvml_baseline()
+    assert baseline == 0 and "nvml_error" in facts
+    m = run_fake_cuda_steps(baseline)["measured"]
+    assert m["device_total_bytes"] is None
+    assert m["device_level"].startswith("not measured: pynvml is not installed")
+    assert "device level not measured" in capsys.readouterr().err
+    record = {"case_id": "no-nvml", "model": "qwen2.5-0.5b", "device": "cuda", "outcome": "ok",
+              "setup": TrainSpec(seq_len=256).as_dict(), "env": facts,
+              "measured": {**m, "peak_allocated_bytes": 10**9, "peak_reserved_bytes": 10**9}}
+    c = compare_record(record, calib, tolerance=10.0)
+    assert "device_total_bytes" not in c.errors
+    assert any(n.startswith("device level not measured (not measured: pynvml") for n in c.notes)

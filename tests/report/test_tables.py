@@ -46,8 +46,8 @@ def test_markdown_has_a_row_per_model_and_the_caption(table):
 
 def test_csv_carries_exact_bytes(table):
     text = render_table(table, "csv")
-    assert text.startswith("# ") and "calibration default" in text.splitlines()[0]
-    rows = list(csv.DictReader(io.StringIO(text.split("\n", 1)[1])))
+    assert text.startswith("model,params,method,device_total_bytes,")  # one header, no comment
+    rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 6
     cell = table.cell("qwen2.5-7b", "lora")
     row = next(r for r in rows if r["model"] == "qwen2.5-7b" and r["method"] == "lora")
@@ -100,3 +100,16 @@ def test_bad_input_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error:" in err
+
+
+def test_csv_round_trips_through_pandas_without_options(table):
+    """pandas.read_csv reads the csv as written: one header line, exact integer bytes."""
+    pd = pytest.importorskip("pandas")
+    back = pd.read_csv(io.StringIO(render_table(table, "csv")))
+    df = table.to_pandas()
+    assert list(back.columns) == list(df.columns)
+    assert back["device_total_bytes"].dtype.kind == "i"
+    assert back["device_total_bytes"].tolist() == df["device_total_bytes"].tolist()
+    assert back["params"].tolist() == df["params"].tolist()
+    assert back["smallest_gpu_memory_bytes"].astype("Int64").tolist() == \
+        df["smallest_gpu_memory_bytes"].tolist()

@@ -48,6 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tolerance", type=float, default=0.05, help="relative error allowed")
     c.add_argument("--calibration", default="default")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--by", default="",
+                   help="also print error statistics per group, computed with pandas: a comma "
+                        "list of device, family, method, source, outcome (needs vramplan[report])")
     c.set_defaults(func=run_check)
 
     k = sub.add_parser("calibrate", help="fit the runtime constants from CUDA measurements",
@@ -117,8 +120,19 @@ def run_check(args: argparse.Namespace) -> int:
     from vramplan.compare import LEVELS, compare_record
     from vramplan.profiles import load_calibration
 
+    by = [k.strip() for k in args.by.split(",") if k.strip()]
+    if by:
+        from vramplan.report.evidence import GROUP_KEYS, pandas
+
+        bad = [k for k in by if k not in GROUP_KEYS]
+        if bad:
+            raise UserError(f"--by {','.join(bad)}: choose from {', '.join(GROUP_KEYS)}")
+        pandas()  # a missing extra is reported before any work
     calib = load_calibration(args.calibration)
-    rows = [compare_record(r, calib, args.tolerance) for r in _read(args.results)]
+    rows = []
+    for path in args.results:
+        rows += [compare_record(r, calib, args.tolerance, source=Path(path).stem)
+                 for r in _read([path])]
     if args.json:
         print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,
@@ -134,8 +148,14 @@ def run_check(args: argparse.Namespace) -> int:
                 m, p = c.measured.get(lv), c.predicted.get(lv)
                 cells.append(f"{_mib(m):>11}/{_mib(p):<12} {_pct(c.errors.get(lv)):>7}")
             status = "ok" if c.ok else "FAIL: " + "; ".join(c.problems)
+            status += "".join(f" [{n}]" for n in c.notes)
             print(f"{c.case_id:<40} {c.method:<6} " + " ".join(cells) + f"  {status}")
         _summary(rows)
+    if by:
+        from vramplan.report import evidence
+
+        print()
+        print(evidence.summary_text(evidence.summary(evidence.frame(rows), by)))
     bad = [c for c in rows if not c.ok]
     print(f"{len(rows) - len(bad)}/{len(rows)} cases within {args.tolerance:.0%}", file=sys.stderr)
     return 1 if bad else 0
@@ -148,8 +168,14 @@ def _summary(rows) -> None:
 
     for lv in LEVELS:
         errs = [abs(c.errors[lv]) for c in rows if lv in c.errors]
+        unmeasured = sum(1 for c in rows if c.outcome == "ok" and c.device != "cpu"
+                         and c.measured.get(lv) is None)
+        tail = f"; not measured in {unmeasured}" if unmeasured else ""
         if errs:
-            print(f"{lv}: median |error| {median(errs):.1%}, max {max(errs):.1%} over {len(errs)}")
+            print(f"{lv}: median |error| {median(errs):.1%}, max {max(errs):.1%} over "
+                  f"{len(errs)}{tail}")
+        elif unmeasured:
+            print(f"{lv}: not measured in {unmeasured} record(s)")
 
 
 def _mib(n) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from vramplan.cli.common import Formatter, add_train_options, train_from_args
@@ -58,6 +59,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        formatter_class=Formatter)
     d.add_argument("--out", default="docs", help="output folder")
     d.add_argument("--calibration", default="default")
+    d.add_argument("--readme", metavar="README.md",
+                   help="also regenerate the evidence block of this README from "
+                        "validation/results/*.jsonl beside it (needs vramplan[report])")
     d.set_defaults(func=run_docs)
 
 
@@ -123,6 +127,8 @@ def run_table(args: argparse.Namespace) -> int:
     t = memory_table(models, methods, train, list(load_gpus().values()),
                      load_calibration(args.calibration))
     print(render_table(t, args.format))
+    if args.format == "csv":  # the csv itself stays one header line + rows
+        print(t.caption, file=sys.stderr)
     return 0
 
 
@@ -155,8 +161,17 @@ def run_docs(args: argparse.Namespace) -> int:
     from vramplan.profiles import load_calibration, load_gpus
     from vramplan.report.docs import write_docs
 
-    paths = write_docs(Path(args.out), list(load_gpus().values()),
-                       load_calibration(args.calibration))
+    calib = load_calibration(args.calibration)
+    paths = write_docs(Path(args.out), list(load_gpus().values()), calib)
+    if args.readme:
+        from vramplan.report.evidence import readme_block, replace_block
+
+        readme = Path(args.readme)
+        if not readme.is_file():
+            raise SpecError(f"--readme {readme}: no such file")
+        readme.write_text(replace_block(readme.read_text(),
+                                        readme_block(readme.resolve().parent, calib)))
+        paths.append(readme)
     for path in paths:
         print(f"wrote {path}")
     return 0

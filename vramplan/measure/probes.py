@@ -15,6 +15,7 @@ when done, and ``result()`` for the ``measured`` object of a record.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -185,16 +186,25 @@ class CudaProbe:
         self.alloc: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
         self.device_peak: dict[str, int] = {}
+        self.device_level = "measured (NVML, this process's used memory)"
+
+    def start_sampler(self) -> None:
+        """Start the NVML sampler; without NVML, say so in the record and on stderr."""
+        try:
+            self.sampler = NvmlSampler(nvml_index(), self.baseline)
+            self.sampler.start()
+        except Exception as exc:  # no pynvml or no NVML: allocated and reserved are still recorded
+            self.sampler = None
+            why = "pynvml is not installed (pip install 'vramplan[harness]' brings nvidia-ml-py)" \
+                if isinstance(exc, ImportError) else f"NVML failed: {type(exc).__name__}: {exc}"
+            self.device_level = f"not measured: {why}"
+            print(f"vramplan measure: device level {self.device_level}", file=sys.stderr)
 
     def begin(self, model: torch.nn.Module) -> None:
         """Record resident bytes (allocated now) and start the NVML sampler if NVML works."""
         torch.cuda.synchronize()
         self.resident_bytes = int(torch.cuda.memory_allocated())
-        try:
-            self.sampler = NvmlSampler(nvml_index(), self.baseline)
-            self.sampler.start()
-        except Exception:  # no pynvml: allocated and reserved levels are still recorded
-            self.sampler = None
+        self.start_sampler()
 
     def end_warmup(self) -> None:
         """Reset peaks after warm-up (optimizer states and allocator pools are in place)."""
@@ -230,6 +240,7 @@ class CudaProbe:
         return {"peak_allocated_bytes": max(self.alloc.values(), default=None),
                 "peak_reserved_bytes": max(self.reserved.values(), default=None),
                 "device_total_bytes": max(self.device_peak.values(), default=None),
+                "device_level": self.device_level,
                 "resident_bytes": self.resident_bytes, "baseline_bytes": self.baseline,
                 "phases": dict(self.alloc),
                 "phases_reserved": dict(self.reserved),

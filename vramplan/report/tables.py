@@ -19,6 +19,8 @@ from vramplan.units import GIB
 
 FORMATS = ("md", "csv", "html", "json")
 MISSING = "-"
+CSV_COLUMNS = ("model", "params", "method", "device_total_bytes", "smallest_gpu",
+               "smallest_gpu_memory_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,17 @@ class MemoryTable:
 
     def cell(self, model: str, method: str) -> Cell:
         return next(c for c in self.cells if c.model == model and c.method == method)
+
+    def to_pandas(self):
+        """One row per model × method, exact bytes (nullable integers where no GPU fits); the
+        caption and settings ride along in ``DataFrame.attrs``. Needs the ``report`` extra."""
+        from vramplan.report.evidence import pandas
+
+        pd = pandas()
+        df = pd.DataFrame([c.as_dict() for c in self.cells], columns=CSV_COLUMNS)
+        df["smallest_gpu_memory_bytes"] = df["smallest_gpu_memory_bytes"].astype("Int64")
+        df.attrs.update(caption=self.caption, settings=dict(self.settings))
+        return df
 
 
 def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec]) -> GpuSpec | None:
@@ -120,18 +133,17 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def render_table(t: MemoryTable, fmt: str) -> str:
-    """The memory table as md, csv, html or json (csv/json: exact bytes, one row per cell)."""
+    """The memory table as md, csv, html or json (csv/json: exact bytes, one row per cell; the csv
+    has no caption, which callers print elsewhere)."""
     if fmt == "json":
         return json.dumps({"caption": t.caption, "settings": t.settings,
                            "rows": [c.as_dict() for c in t.cells]}, indent=2)
-    if fmt == "csv":
+    if fmt == "csv":  # one header line, no comment: pandas.read_csv reads it without options
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        buf.write(f"# {t.caption}\n")
-        keys = list(Cell("", 0, "", 0, None).as_dict())
-        w.writerow(keys)
+        w.writerow(CSV_COLUMNS)
         for c in t.cells:
-            w.writerow(["" if v is None else v for v in c.as_dict().values()])
+            w.writerow(["" if v is None else v for v in (c.as_dict()[k] for k in CSV_COLUMNS)])
         return buf.getvalue().rstrip("\n")
     head, rows = _grid(t)
     if fmt == "md":
