@@ -28,7 +28,8 @@ def test_estimate_json_has_the_contract_keys(capsys):
 def test_estimate_text_shows_three_levels_and_notes(capsys):
     assert main(["estimate", "llama-3.1-8b", "--method", "lora", "--gpu", "rtx-4090"]) == 0
     out = capsys.readouterr().out
-    for label in ("peak allocated", "peak reserved", "device total", "notes:", "PROVISIONAL"):
+    for label in ("peak allocated", "peak reserved", "device total", "notes:",
+                  "calibrated on NVIDIA H200", "RTX 4090 (23.65 GiB usable): "):
         assert label in out
 
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from vramplan.model.estimate import Estimate, estimate
-from vramplan.profiles import load_model
-from vramplan.specs import SpecError, TrainSpec
+from vramplan.planner import FITS, NO, verdict
+from vramplan.profiles import load_gpus, load_model
+from vramplan.specs import GpuSpec, SpecError, TrainSpec
 
 LEVELS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 #: Default tolerance of `vramplan check`: the issue's acceptance bound (5% relative, every level).
@@ -81,20 +82,38 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
     measured.update({k: v for k, v in (record.get("measured") or {}).items() if k in LEVELS})
     errors, problems = {}, []
     outcome = record.get("outcome", "ok")
-    capacity = (record.get("env") or {}).get("device_memory_bytes")
+    gpu = record_gpu(record)
+    word = verdict(est, gpu, calib).word if gpu else None
     if outcome == "ok":
         for lvl in LEVELS:
             if measured.get(lvl):
                 errors[lvl] = (predicted[lvl] - measured[lvl]) / measured[lvl]
                 if abs(errors[lvl]) > tolerance:
                     problems.append(f"{lvl} off by {errors[lvl]:+.1%}")
-        if capacity and predicted["device_total_bytes"] > capacity:
+        if word == NO:
             problems.append("ran, but the model predicts it does not fit")
     elif outcome == "oom":
-        if capacity and predicted["device_total_bytes"] <= capacity:
+        if word == FITS:
             problems.append("ran out of memory, but the model predicts it fits")
     else:
         problems.append(f"case failed: {str(record.get('error'))[:120]}")
+    notes = unmeasured_notes(record) + ((f"verdict on this GPU: {word}",) if outcome == "oom"
+                                        else ())
     return Comparison(case_id, outcome, est.train.method, measured, predicted, errors,
-                      tuple(problems), record.get("known_gap"), unmeasured_notes(record),
+                      tuple(problems), record.get("known_gap"), notes,
                       family=est.model.model_type, **where)
+
+
+def record_gpu(record: Mapping[str, Any]) -> GpuSpec | None:
+    """The GPU a CUDA record ran on: the catalog entry of the same name (its CUDA capacity),
+    else one built from the record's own memory figure; None off CUDA or when unknown."""
+    env = record.get("env") or {}
+    if record.get("device", "cuda") != "cuda":
+        return None
+    name = env.get("device_name")
+    match = next((g for g in load_gpus().values() if g.name == name), None)
+    if match is not None:
+        return match
+    total = env.get("device_memory_bytes")
+    return GpuSpec(key="recorded", name=str(name), memory_bytes=int(total), gpu_class="?",
+                   vendor="?") if total else None

@@ -1,10 +1,24 @@
-"""Which GPU fits: headroom, the largest sequence length and batch, and the GPU count with sharding.
+"""Which GPU fits: verdicts with a margin, headroom, the largest sequence length and batch, and the
+GPU count with sharding.
 
-A setup fits a GPU when its per-GPU device total (reserved + CUDA context + paged states, after
-sharding; see :mod:`vramplan.sharding`) is at most the GPU's ``memory_bytes``. Searches run over
-the analytic model, which is cheap (well under a millisecond per estimate), at a resolution of one
-token and one sequence: the result ``x`` fits and ``x + 1`` does not. They assume memory is
-non-decreasing in seq_len and batch, which ``tests/test_properties.py`` checks.
+A setup's per-GPU device total (reserved + memory outside the allocator, after sharding; see
+:mod:`vramplan.sharding`) is held against the GPU's CUDA capacity (what ``torch.cuda`` lets a
+process allocate, ``GpuSpec.capacity_bytes``), not the NVML total. The verdict:
+
+- *does not fit*: even the live tensors (peak allocated) and the memory outside the allocator
+  exceed the capacity: the step cannot run;
+- *tight*: it may run, but the headroom is below what is needed to be sure: the largest single
+  allocation of the step (one failed request is an OOM), the model's own largest device-level
+  error on the measured records (``calibration[verdict].device_error``), or the user's
+  ``--margin``; or the device total exceeds the capacity while the live tensors do not (the
+  allocator would have to give back its cache and retry, ``num_alloc_retries``);
+- *fits*: headroom at least all of those.
+
+The max-seq / max-batch / GPU-count searches run on the analytic model (sub-millisecond per
+setup) with the allocator's cache taken from replays at the user's own value and at powers of two
+of the searched quantity, linearly interpolated in between (the replay costs tens of
+milliseconds; its result is not monotone in seq or batch, so it cannot be searched directly).
+Searches resolve one token / one sequence: the result ``x`` passes and ``x + 1`` does not.
 """
 
 from __future__ import annotations
@@ -13,12 +27,61 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from vramplan.cost import CostEstimate, cost_per_billion_tokens, load_planner_settings
-from vramplan.model.estimate import estimate
+from vramplan.model.estimate import Estimate, estimate
 from vramplan.sharding import ShardedEstimate, shard_estimate
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 from vramplan.units import GIB
 
 PERCENT = 100
+FITS, TIGHT, NO = "fits", "tight", "does not fit"
+CACHE_KEY = "overhead.allocator_cache"
+
+
+@dataclass(frozen=True, slots=True)
+class Margin:
+    """Extra headroom a user asks for: bytes, a fraction of the device total, or both (max)."""
+
+    nbytes: int = 0
+    fraction: float = 0.0
+
+    def of(self, device_total: int) -> int:
+        return max(self.nbytes, int(self.fraction * device_total))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """fits / tight / does not fit, with the headroom it needs and why."""
+
+    word: str
+    needed_bytes: int  # headroom a "fits" needs
+    reason: str
+
+    @property
+    def fits(self) -> bool:
+        return self.word == FITS
+
+
+def verdict(s: ShardedEstimate | Estimate, gpu: GpuSpec, calib: Mapping[str, Any],
+            margin: Margin = Margin()) -> Verdict:
+    """The verdict for one setup (per-GPU estimate, sharded or not) on one GPU (see the module
+    docstring)."""
+    cap = gpu.capacity_bytes
+    outside = s.device_total_bytes - s.peak_reserved_bytes
+    error = float((calib.get("verdict") or {}).get("device_error", 0.0))
+    largest = getattr(s, "base", s).largest_temporary_bytes
+    needs = {"the largest single allocation": largest,
+             f"the model's {error:.1%} error on measured runs": int(error * s.device_total_bytes),
+             "your --margin": margin.of(s.device_total_bytes)}
+    why, need = max(needs.items(), key=lambda kv: kv[1])
+    room = cap - s.device_total_bytes
+    if s.peak_allocated_bytes + outside > cap:
+        return Verdict(NO, need, "the live tensors alone exceed the capacity")
+    if room < 0:
+        return Verdict(TIGHT, need, "over capacity unless the allocator frees its cache and "
+                                    "retries")
+    if room < need:
+        return Verdict(TIGHT, need, f"headroom below {why} ({need / GIB:.2f} GiB)")
+    return Verdict(FITS, need, f"headroom covers {why} ({need / GIB:.2f} GiB)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,19 +90,23 @@ class GpuFit:
 
     gpu: GpuSpec
     device_total_bytes: int  # per GPU, with the setup's own sharding
-    fits: bool
-    headroom_bytes: int  # memory_bytes − device_total_bytes (negative: short by that much)
-    headroom_pct: float  # headroom as % of memory_bytes
+    fits: bool  # verdict is "fits"
+    headroom_bytes: int  # capacity_bytes − device_total_bytes (negative: short by that much)
+    headroom_pct: float  # headroom as % of capacity_bytes
     max_seq_len: int | None  # largest seq_len that fits, other settings fixed
     max_batch: int | None
     min_gpus: int | None  # smallest N in 1..max_gpus that fits
     min_gpus_shard: str  # the scheme min_gpus assumes
-    cost: CostEstimate | None  # on the GPUs the run needs (num_gpus if it fits, else min_gpus)
+    cost: CostEstimate | None  # on the GPUs the run needs (num_gpus if it fits, else min GPUs)
+    verdict: Verdict | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The `fit --json` row."""
-        c = self.cost
+        c, v = self.cost, self.verdict
         return {"key": self.gpu.key, "name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes,
+                "capacity_bytes": self.gpu.capacity_bytes,
+                "verdict": v.word if v else None, "verdict_reason": v.reason if v else None,
+                "needed_headroom_bytes": v.needed_bytes if v else None,
                 "fits": self.fits, "device_total_bytes": self.device_total_bytes,
                 "headroom_bytes": self.headroom_bytes, "headroom_pct": round(self.headroom_pct, 2),
                 "max_seq_len": self.max_seq_len, "max_batch": self.max_batch,
@@ -60,14 +127,41 @@ class Plan:
     answer: str
 
 
-def per_gpu(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any]) -> ShardedEstimate:
+def per_gpu(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any],
+            allocator: bool = True) -> ShardedEstimate:
     """Per-GPU estimate of a setup with its own sharding (identity for shard none)."""
-    return shard_estimate(estimate(model, train, calib), train, calib)
+    return shard_estimate(estimate(model, train, calib, allocator=allocator), train, calib)
 
 
-def fits_on(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any]) -> bool:
-    """Device total per GPU ≤ the GPU's memory."""
-    return per_gpu(model, train, calib).device_total_bytes <= gpu.memory_bytes
+def fits_on(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+            margin: Margin = Margin()) -> bool:
+    """The exact verdict (allocator replay of this very setup) is "fits"."""
+    return verdict(per_gpu(model, train, calib), gpu, calib, margin).fits
+
+
+def _cache_bytes(s: ShardedEstimate) -> int:
+    return sum(t.nbytes for t in s.breakdown.terms if t.key == CACHE_KEY)
+
+
+def search_total(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any], field: str,
+                 anchor: int) -> int:
+    """Per-GPU device total for the searches: analytic levels without a replay, plus the
+    allocator cache replayed at ``anchor`` (the user's value) and at powers of two of ``field``,
+    linearly interpolated between the nearest of them (replays are memoised)."""
+    v = getattr(train, field)
+    cheap = per_gpu(model, train, calib, allocator=False).device_total_bytes
+    lo, hi = 1 << (v.bit_length() - 1), 1 << v.bit_length()
+    if lo == v:
+        hi = v
+    nodes = sorted({lo, hi} | ({anchor} if lo <= anchor <= hi else set()))
+    left = max(x for x in nodes if x <= v)
+    right = min(x for x in nodes if x >= v)
+    cache = {x: _cache_bytes(per_gpu(model, replace(train, **{field: x}), calib))
+             for x in {left, right}}
+    if left == right:
+        return cheap + cache[left]
+    w = (v - left) / (right - left)
+    return cheap + int(round(cache[left] + w * (cache[right] - cache[left])))
 
 
 def largest_fitting(ok: Callable[[int], bool], start: int, cap: int) -> int | None:
@@ -93,81 +187,108 @@ def largest_fitting(ok: Callable[[int], bool], start: int, cap: int) -> int | No
     return lo
 
 
-def max_seq_len(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any]) -> int | None:
-    """Largest seq_len (1-token resolution) that fits, batch and the rest fixed."""
+def search_fits(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+                field: str, anchor: int, margin: Margin = Margin()) -> bool:
+    """The searches' test: device total (interpolated cache) + margin within the capacity."""
+    total = search_total(model, train, calib, field, anchor)
+    return total + margin.of(total) <= gpu.capacity_bytes
+
+
+def max_seq_len(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+                margin: Margin = Margin()) -> int | None:
+    """Largest seq_len (1-token resolution) within the capacity, batch and the rest fixed."""
     cap = int(load_planner_settings()["search"]["max_seq_len"])
-    return largest_fitting(lambda s: fits_on(model, replace(train, seq_len=s), gpu, calib),
+    return largest_fitting(lambda s: search_fits(model, replace(train, seq_len=s), gpu, calib,
+                                                 "seq_len", train.seq_len, margin),
                            train.seq_len, cap)
 
 
-def max_batch(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any]) -> int | None:
-    """Largest micro-batch that fits, seq_len and the rest fixed."""
+def max_batch(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+              margin: Margin = Margin()) -> int | None:
+    """Largest micro-batch within the capacity, seq_len and the rest fixed."""
     cap = int(load_planner_settings()["search"]["max_batch"])
-    return largest_fitting(lambda b: fits_on(model, replace(train, batch=b), gpu, calib),
+    return largest_fitting(lambda b: search_fits(model, replace(train, batch=b), gpu, calib,
+                                                 "batch", train.batch, margin),
                            train.batch, cap)
 
 
-def min_gpus(model: ModelSpec, train: TrainSpec, gpu: GpuSpec,
-             calib: Mapping[str, Any]) -> tuple[int | None, str]:
-    """(smallest N in 1..max_gpus that fits, the scheme used).
+def min_gpus(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+             margin: Margin = Margin()) -> tuple[int | None, str]:
+    """(smallest N in 1..max_gpus whose verdict is "fits", the scheme used).
 
     With ``train.shard`` set, that scheme; with none, one GPU unsharded, then the fallback scheme
     (profiles/planner.toml, zero3) from two GPUs on. A linear scan: no monotonicity in N assumed.
+    Every N shares one allocator replay (that of one unsharded rank).
     """
     settings = load_planner_settings()["search"]
     scheme = train.shard if train.shard != "none" else str(settings["fallback_shard"])
-    if train.shard == "none" and fits_on(model, replace(train, num_gpus=1), gpu, calib):
+    if train.shard == "none" and fits_on(model, replace(train, num_gpus=1), gpu, calib, margin):
         return 1, "none"
     first = 1 if train.shard != "none" else 2
     for n in range(first, int(settings["max_gpus"]) + 1):
-        if fits_on(model, replace(train, shard=scheme, num_gpus=n), gpu, calib):
+        if fits_on(model, replace(train, shard=scheme, num_gpus=n), gpu, calib, margin):
             return n, scheme
     return None, scheme
 
 
-def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any]) -> GpuFit:
-    """How `train` sits on `gpu`: fit, headroom, max seq/batch, GPU count, time and cost."""
-    total = per_gpu(model, train, calib).device_total_bytes
-    room = gpu.memory_bytes - total
-    n, scheme = min_gpus(model, train, gpu, calib)
-    fits = room >= 0
-    run_gpus = train.num_gpus if fits else n
+def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+            margin: Margin = Margin()) -> GpuFit:
+    """How `train` sits on `gpu`: verdict, headroom, max seq/batch, GPU count, time and cost."""
+    s = per_gpu(model, train, calib)
+    v = verdict(s, gpu, calib, margin)
+    total = s.device_total_bytes
+    room = gpu.capacity_bytes - total
+    n, scheme = min_gpus(model, train, gpu, calib, margin)
+    run_gpus = train.num_gpus if v.fits else n
     cost = cost_per_billion_tokens(model, train, gpu, run_gpus) if run_gpus else None
-    return GpuFit(gpu, total, fits, room, PERCENT * room / gpu.memory_bytes,
-                  max_seq_len(model, train, gpu, calib), max_batch(model, train, gpu, calib),
-                  n, scheme, cost)
+    return GpuFit(gpu, total, v.fits, room, PERCENT * room / gpu.capacity_bytes,
+                  max_seq_len(model, train, gpu, calib, margin),
+                  max_batch(model, train, gpu, calib, margin), n, scheme, cost, v)
 
 
 def plan(model: ModelSpec, train: TrainSpec, gpus: Sequence[GpuSpec],
-         calib: Mapping[str, Any]) -> Plan:
-    """Fit every GPU and choose: the smallest-memory GPU that fits as set up, else the
+         calib: Mapping[str, Any], margin: Margin = Margin()) -> Plan:
+    """Fit every GPU and choose: the smallest-capacity GPU that fits as set up, else the
     multi-GPU option with the least total memory (ties: fewer GPUs, then catalog order)."""
     sharded = per_gpu(model, train, calib)
-    fits = tuple(fit_gpu(model, train, g, calib) for g in gpus)
+    fits = tuple(fit_gpu(model, train, g, calib, margin) for g in gpus)
     single = [f for f in fits if f.fits]
     if single:
-        choice = min(single, key=lambda f: f.gpu.memory_bytes)
+        choice = min(single, key=lambda f: f.gpu.capacity_bytes)
     else:
         multi = [f for f in fits if f.min_gpus is not None]
-        choice = min(multi, key=lambda f: (f.min_gpus * f.gpu.memory_bytes, f.min_gpus),
+        choice = min(multi, key=lambda f: (f.min_gpus * f.gpu.capacity_bytes, f.min_gpus),
                      default=None)
-    return Plan(model, train, sharded, fits, choice, answer_sentence(model, train, sharded, choice))
+    tight = [f for f in fits if f.verdict and f.verdict.word == TIGHT and
+             (choice is None or f.gpu.capacity_bytes < choice.gpu.capacity_bytes)]
+    return Plan(model, train, sharded, fits, choice,
+                answer_sentence(model, train, sharded, choice, tight))
 
 
 def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: ShardedEstimate,
-                    choice: GpuFit | None) -> str:
-    """One sentence: what the setup needs and the GPU(s) to run it on."""
+                    choice: GpuFit | None, tight: Sequence[GpuFit] = ()) -> str:
+    """One sentence: what the setup needs and the GPU(s) to run it on (and the tight ones)."""
     need = sharded.device_total_bytes / GIB
     setup = f"{model.name} {train.method} (seq {train.seq_len}, batch {train.batch})"
     per = f"{need:.1f} GiB per GPU with {train.shard} over {train.num_gpus}" \
         if train.shard != "none" else f"{need:.1f} GiB"
+    if sharded.paged_bytes:
+        per += f" (+ {sharded.paged_bytes / GIB:.1f} GiB of paged optimizer states, on the GPU " \
+               "while it has room, else in host RAM)"
     if choice is None:
-        return f"{setup} needs {per} and fits no catalog GPU, even sharded over the GPU-count limit."
-    g = choice.gpu
-    mem = g.memory_bytes / GIB
-    if choice.fits:
+        out = f"{setup} needs {per} and fits no catalog GPU, even sharded over the GPU-count limit."
+    elif choice.fits:
+        g = choice.gpu
         count = f"{train.num_gpus} × " if train.num_gpus > 1 else "one "
-        return (f"{setup} needs {per}: the smallest GPU that fits is {count}{g.name} "
-                f"({mem:.1f} GiB, {choice.headroom_bytes / GIB:.1f} GiB headroom).")
-    return (f"{setup} needs {per}, more than any single catalog GPU: needs {choice.min_gpus} × "
-            f"{g.name} ({mem:.1f} GiB each) with {choice.min_gpus_shard}.")
+        out = (f"{setup} needs {per}: the smallest GPU that fits is {count}{g.name} "
+               f"({g.capacity_bytes / GIB:.1f} GiB usable, {choice.headroom_bytes / GIB:.1f} GiB "
+               "headroom).")
+    else:
+        g = choice.gpu
+        out = (f"{setup} needs {per}, more than any single catalog GPU: needs {choice.min_gpus} × "
+               f"{g.name} ({g.capacity_bytes / GIB:.1f} GiB usable each) with "
+               f"{choice.min_gpus_shard}.")
+    for f in sorted(tight, key=lambda f: f.gpu.capacity_bytes)[:3]:
+        out += (f" Tight on {f.gpu.name} ({f.gpu.capacity_bytes / GIB:.2f} GiB usable, "
+                f"{f.headroom_bytes / GIB:+.2f} GiB headroom): {f.verdict.reason}.")
+    return out

@@ -169,7 +169,9 @@ def load_gpus() -> dict[str, GpuSpec]:
                          price_usd_per_hour=g.get("price_usd_per_hour"),
                          memory_source=g.get("memory_source", ""),
                          tflops_source=g.get("tflops_source", ""),
-                         price_source=g.get("price_source", ""))
+                         price_source=g.get("price_source", ""),
+                         cuda_capacity_bytes=int(g.get("cuda_capacity_bytes", 0)),
+                         cuda_capacity_source=g.get("cuda_capacity_source", ""))
             for key, g in data["gpu"].items()}
 
 

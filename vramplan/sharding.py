@@ -35,6 +35,7 @@ from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.specs import ModelSpec, TrainSpec
 from vramplan.units import ceil_div
 
+CACHE_KEY = "overhead.allocator_cache"
 #: Which term groups each scheme divides by N (ZeRO §5: P_os, P_os+g, P_os+g+p).
 SHARDED_GROUPS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -73,6 +74,7 @@ class ShardedEstimate:
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_total_bytes: int
+    paged_bytes: int = 0
 
     def model_state_bytes(self) -> int:
         """Per-GPU weights + gradients + optimizer terms, without the gathered working set."""
@@ -145,33 +147,42 @@ def shard_estimate(est: Estimate, train: TrainSpec, calib: Mapping[str, Any]) ->
     """Per-GPU memory of `est` under ``train.shard`` over ``train.num_gpus`` ranks.
 
     Terms of the sharded groups are divided by N; the peak is recomputed with the same phase
-    model (each term's ``phases``), then reserved adds the calibrated allocator slack on the new
-    peak and the device total adds the device-level terms (CUDA context, paged states).
+    model (each term's ``phases``). Reserved adds the allocator cache of the unsharded replay,
+    scaled by the ratio of the sharded to the unsharded peak allocated (an approximation: the
+    replay is of one unsharded rank), and the device total the memory outside the allocator.
     """
     n, scheme = train.num_gpus, train.shard
     groups = SHARDED_GROUPS[scheme]
     kept = []
+    cache = None
     for t in est.breakdown.terms:
-        if t.key == "overhead.allocator_slack":
-            continue  # recomputed on the new peak below
+        if t.key == CACHE_KEY and scheme != "none" and n > 1:
+            cache = t  # rescaled below, on the sharded peak
+            continue
         shardable = (t.key.split(".")[0] in groups and t.key not in UNSHARDED_KEYS) or \
             (scheme in GATHERING and t.key in WHOLE_MODEL_COPIES)
         kept.append(shard_term(t, n) if shardable and n > 1 else t)
     if scheme in GATHERING:
         kept.extend(gathered_terms(est.model, est.train, est.device))
-    lv = levels(tuple(kept), calib, est.device)
-    terms = (*kept, *lv.slack)
+    if cache is not None:
+        ratio = levels(tuple(kept)).peak_allocated_bytes / max(1, est.peak_allocated_bytes)
+        kept.append(replace(cache, nbytes=int(cache.nbytes * ratio),
+                            formula=f"({cache.formula}) * sharded peak / unsharded peak"))
+    lv = levels(tuple(kept))
+    terms = tuple(kept)
     notes = est.breakdown.notes + ((f"per GPU under {scheme} over {n} GPUs (ZeRO §5 / FSDP); "
                                     "NCCL and communication buckets not modelled",)
                                    if scheme != "none" else ())
     full = Breakdown(terms, inputs=est.breakdown.inputs, notes=notes)
     return ShardedEstimate(est, scheme, n, full, lv.phase_bytes, lv.peak_phase,
-                           lv.peak_allocated_bytes, lv.peak_reserved_bytes, lv.device_total_bytes)
+                           lv.peak_allocated_bytes, lv.peak_reserved_bytes, lv.device_total_bytes,
+                           lv.paged_bytes)
 
 
 def sharded_view(s: ShardedEstimate) -> Estimate:
     """The sharded result as an :class:`Estimate` (per GPU), for the breakdown renderers."""
     return replace(s.base, breakdown=s.breakdown, phase_bytes=s.phase_bytes,
                    peak_phase=s.peak_phase, peak_allocated_bytes=s.peak_allocated_bytes,
-                   peak_reserved_bytes=s.peak_reserved_bytes, device_total_bytes=s.device_total_bytes)
+                   peak_reserved_bytes=s.peak_reserved_bytes, device_total_bytes=s.device_total_bytes,
+                   paged_bytes=s.paged_bytes)
 

@@ -101,6 +101,8 @@ class TrainSpec:
     batch: int = 1
     shard: str = "none"
     num_gpus: int = 1
+    #: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the allocator replay honours it)
+    expandable_segments: bool = False
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -171,9 +173,18 @@ class GpuSpec:
     memory_source: str = ""
     tflops_source: str = ""
     price_source: str = ""
+    #: What CUDA lets one process allocate (``torch.cuda.mem_get_info()`` total, the "total
+    #: capacity" of PyTorch's OOM message), below the NVML total; 0 = unknown (use memory_bytes).
+    cuda_capacity_bytes: int = 0
+    cuda_capacity_source: str = ""
 
     def __post_init__(self) -> None:
         _require(self.memory_bytes > 0, f"gpu {self.key}: memory_bytes must be positive")
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The memory a run's device total is held against: the CUDA capacity when known."""
+        return self.cuda_capacity_bytes or self.memory_bytes
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -45,3 +45,10 @@ def gib(n_bytes: int | float) -> float:
 def fmt_gib(n_bytes: int | float, digits: int = 2) -> str:
     """'12.34 GiB' for display."""
     return f"{gib(n_bytes):.{digits}f} GiB"
+
+
+def fmt_size(n_bytes: int | float) -> str:
+    """'12.34 GiB' from 1 GiB up, '123 MiB' below, for display."""
+    if abs(n_bytes) >= GIB:
+        return fmt_gib(n_bytes)
+    return f"{n_bytes / 2**20:.0f} MiB"

@@ -31,9 +31,10 @@ def test_smallest_gpu_holds_the_estimate(table):
     gpus = list(load_gpus().values())
     for c in table.cells:
         if c.gpu is not None:
-            assert c.gpu.memory_bytes >= c.device_total_bytes
+            assert c.gpu.capacity_bytes >= c.device_total_bytes
             assert c.gpu == smallest_gpu(c.device_total_bytes, gpus)
-            assert not any(c.device_total_bytes <= g.memory_bytes < c.gpu.memory_bytes for g in gpus)
+            assert not any(c.device_total_bytes <= g.capacity_bytes < c.gpu.capacity_bytes
+                           for g in gpus)
 
 
 def test_markdown_has_a_row_per_model_and_the_caption(table):
@@ -74,7 +75,7 @@ def test_fit_cli_text(capsys):
     out = capsys.readouterr().out
     first = out.splitlines()[0]
     assert "llama-2-7b qlora" in first and "fits" in first
-    assert re.search(r"^rtx-4090\s+\d+\.\d\s+(yes|no)", out, re.M)
+    assert re.search(r"^rtx-4090\s+23\.65\s+(fits|tight|does not fit)", out, re.M)
     assert "ESTIMATE" in out and "peak allocated" in out
 
 
@@ -84,11 +85,13 @@ def test_fit_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert {"answer", "setup", "gpus", "estimate"} <= set(data)
     assert data["setup"]["shard"] == "zero3" and data["setup"]["num_gpus"] == 4
-    keys = {"key", "name", "memory_bytes", "fits", "headroom_bytes", "headroom_pct", "max_seq_len",
-            "max_batch", "min_gpus", "hours_per_billion_tokens", "usd_per_billion_tokens"}
+    keys = {"key", "name", "memory_bytes", "capacity_bytes", "verdict", "fits", "headroom_bytes",
+            "headroom_pct", "max_seq_len", "max_batch", "min_gpus", "hours_per_billion_tokens",
+            "usd_per_billion_tokens"}
     for g in data["gpus"]:
         assert keys <= set(g)
-        assert g["headroom_bytes"] == g["memory_bytes"] - data["estimate"]["device_total_bytes"]
+        assert g["headroom_bytes"] == g["capacity_bytes"] - data["estimate"]["device_total_bytes"]
+        assert g["capacity_bytes"] < g["memory_bytes"]  # CUDA's usable memory, not NVML's total
 
 
 @pytest.mark.parametrize("argv", [

@@ -39,6 +39,9 @@ def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> Non
     g.add_argument("--attn", choices=ATTENTIONS, default=d.attn)
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=d.grad_ckpt,
                    help="gradient checkpointing")
+    g.add_argument("--expandable-segments", action=argparse.BooleanOptionalAction,
+                   default=d.expandable_segments,
+                   help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (changes reserved memory)")
     if sharding:
         g.add_argument("--shard", choices=SHARDS, default=d.shard,
                        help="ZeRO stage or FSDP full sharding across --num-gpus")

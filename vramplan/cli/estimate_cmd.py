@@ -42,8 +42,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     train = train_from_args(args)
     gpu = load_gpu(args.gpu) if args.gpu else None
-    est = estimate(model, train, load_calibration(args.calibration))
-    print(render_json(est, gpu) if args.json else render_text(est, gpu))
+    calib = load_calibration(args.calibration)
+    est = estimate(model, train, calib)
+    print(render_json(est, gpu, calib) if args.json else render_text(est, gpu, calib))
     if args.max_gib is not None and est.device_total_bytes > args.max_gib * 2**30:
         return 1
     return 0

@@ -22,7 +22,8 @@ model says fits ran out of memory (or the reverse), or when a case failed."""
 
 CALIBRATE_EXAMPLES = """examples:
   vramplan calibrate validation/results/h200.jsonl --out profiles/calibration/h200.toml
-Only runtime constants are fitted (cuda_context, allocator_slack); analytic terms are refused."""
+Only the memory outside the caching allocator (non_allocator = device total - reserved) is fitted;
+reserved memory comes from the allocator replay and analytic terms are refused."""
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -57,8 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        epilog=CALIBRATE_EXAMPLES, formatter_class=Formatter)
     k.add_argument("results", metavar="RESULTS.jsonl", nargs="+")
     k.add_argument("--out", required=True, help="profiles/calibration/NAME.toml")
-    k.add_argument("--fit", default="cuda_context,allocator_slack",
-                   help="constants to fit (comma list)")
+    k.add_argument("--fit", default="non_allocator", help="constants to fit (comma list)")
     k.add_argument("--base", default="default", help="calibration to start from")
     k.set_defaults(func=run_calibrate)
 
@@ -193,7 +193,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.fit.split(",") if n.strip()]
     check_fittable(names)
     base = load_calibration(args.base)
-    data = fit(_read(args.results), base, names)
+    data = fit(_read(args.results), names, base)
+    data["records"] = " ".join(args.results)
     Path(args.out).write_text(to_toml(data, base))
     print(f"wrote {args.out} (fitted on {len(data['fitted_on'])} records)", file=sys.stderr)
     return 0

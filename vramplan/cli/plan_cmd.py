@@ -31,6 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL")
     add_train_options(p, sharding=True)
     p.add_argument("--gpus", default="all", help="all, or a comma list of catalog slugs")
+    p.add_argument("--margin", default="0",
+                   help="headroom you want on top of the estimate before a GPU counts as fitting: "
+                        "bytes with a unit (2GiB, 512MiB) or a percentage of the estimate (5%%)")
     p.add_argument("--calibration", default="default", help="profiles/calibration/NAME.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_fit)
@@ -81,6 +84,33 @@ def select_gpus(value: str) -> list:
     return [load_gpu(k) for k in _split(value, "gpus")]
 
 
+UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
+         "gb": 10**9}
+
+
+def parse_margin(value: str):
+    """--margin: "0", "2GiB", "512MiB", "1.5GB" or "5%" (of the estimate)."""
+    from vramplan.planner import Margin
+
+    text = value.strip().lower().replace(" ", "")
+    try:
+        if text.endswith("%"):
+            frac = float(text[:-1]) / 100
+            if not 0 <= frac < 1:
+                raise ValueError
+            return Margin(fraction=frac)
+        unit = next((u for u in sorted(UNITS, key=len, reverse=True) if text.endswith(u)), "")
+        if not unit and text not in ("0", "0.0"):
+            raise ValueError
+        n = float(text[: len(text) - len(unit)]) * UNITS.get(unit, 1)
+        if n < 0:
+            raise ValueError
+        return Margin(nbytes=int(n))
+    except ValueError:
+        raise SpecError(f"--margin {value!r}: give bytes with a unit (2GiB, 512MiB) or a "
+                        "percentage (5%)") from None
+
+
 def _methods(value: str) -> list[str]:
     from vramplan.specs import METHODS
 
@@ -99,17 +129,20 @@ def run_fit(args: argparse.Namespace) -> int:
     from vramplan.report.tables import render_fit_text
     from vramplan.sharding import sharded_view
 
+    margin = parse_margin(args.margin)
     model, train = load_model(args.model), train_from_args(args)
     gpus = select_gpus(args.gpus)
-    p = plan(model, train, gpus, load_calibration(args.calibration))
+    calib = load_calibration(args.calibration)
+    p = plan(model, train, gpus, calib, margin)
     view = sharded_view(p.sharded)
     cost = load_planner_settings()["cost"]
     if args.json:
         print(json.dumps({"answer": p.answer, "setup": train.as_dict(),
+                          "margin": {"bytes": margin.nbytes, "fraction": margin.fraction},
                           "gpus": [f.as_dict() for f in p.fits],
                           "cost_assumptions": {"mfu": cost["mfu"], "source": cost["source"],
                                                "estimate": True},
-                          "estimate": estimate_json(view)}, indent=2))
+                          "estimate": estimate_json(view, calib=calib)}, indent=2))
         return 0
     print(render_fit_text(p, float(cost["mfu"])))
     print()

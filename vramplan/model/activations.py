@@ -226,8 +226,9 @@ def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
     )
 
 
-def activation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
-    """All activation terms of one training step."""
-    led = layer_ledger(LayerCtx(m, t, d))  # one replay of a decoder layer serves both
+def activation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger | None = None
+                     ) -> tuple[Term, ...]:
+    """All activation terms of one training step (``led``: the layer ledger, if already made)."""
+    led = led or layer_ledger(LayerCtx(m, t, d))
     return (*layer_terms(m, t, d, led), *workspace_terms(m, t, d, led), *head_terms(m, t, d),
             *logits_terms(m, t, d), *transient_terms(m, t, d))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any, Mapping
 
 from vramplan.model import activations, optim, overhead, weights
 from vramplan.model.dtypes import dtypes_for
+from vramplan.model.ledger import LayerCtx, layer_ledger
 from vramplan.model.params import total_params, trainable_params
 from vramplan.model.terms import PHASES, Breakdown, Term
+from vramplan.model.timeline import Replay, replay
 from vramplan.specs import ModelSpec, TrainSpec
 
 
@@ -27,61 +30,93 @@ class Estimate:
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_total_bytes: int
+    paged_bytes: int = 0  # bnb paged optimizer states: on the GPU while it has room, else host RAM
+    replay: Replay | None = None  # the caching-allocator replay behind the reserved level
+
+    @property
+    def largest_temporary_bytes(self) -> int:
+        """The largest single block the measured step allocates (0 without a replay)."""
+        return self.replay.largest_block_bytes if self.replay else 0
+
+    def at_peak(self) -> tuple[Term, ...]:
+        """The terms counted in the device total: live in the peak phase, or at the reserved or
+        device level. Paged states are not among them (see ``paged_bytes``)."""
+        return tuple(x for x in self.breakdown.terms
+                     if x.level in ("reserved", "device") or
+                     (x.level == "allocated" and self.peak_phase in x.phases))
 
 
-def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str = "cuda") -> Estimate:
+def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str = "cuda",
+             allocator: bool = True) -> Estimate:
     """Estimate one training step's peak memory.
 
     Peak semantics (phase model): live bytes are summed per phase (forward end, loss backward,
     first layer backward, optimizer step) over the terms live in it; peak allocated is the largest.
-    Reserved adds allocator slack; the device total adds the CUDA context and paged optimizer states.
+    Reserved adds the blocks the caching allocator holds free at the peak, from a replay of the
+    step's allocate/free sequence; the device total adds the memory outside the allocator.
+    Paged optimizer states are their own figure (``paged_bytes``), outside the device total.
     """
     t_eff = effective_setup(m, t)
     if t_eff is not t:
-        return _with_note(estimate(m, t_eff, calib, device), t,
+        return _with_note(estimate(m, t_eff, calib, device, allocator), t,
                           f"{m.model_type} has no SDPA path in transformers 5.x (from_pretrained "
                           "raises): estimated with eager attention; pass --attn eager or "
                           "flash_attention_2")
     d = dtypes_for(t, device)
+    led = layer_ledger(LayerCtx(m, t, d))  # one replay of a decoder layer serves every user
+    rp = step_replay(m, t, device, int(calib["cublas_workspace"]["bytes"]) // 2) \
+        if device == "cuda" and allocator else None
     terms = (*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
              *optim.gradient_terms(m, t, d), *optim.optimizer_terms(m, t, d, device),
-             *activations.activation_terms(m, t, d), *overhead.workspace_term(calib, device))
-    terms = (*terms, *overhead.context_term(calib, device))
-    lv = levels(terms, calib, device)
-    full = Breakdown((*terms, *lv.slack), inputs={"model": m.name, **t.as_dict(), "device": device},
-                     notes=notes_for(m, t, calib, device))
+             *activations.activation_terms(m, t, d, led), *overhead.workspace_term(calib, device),
+             *overhead.allocator_cache_term(rp), *overhead.non_allocator_term(calib, device))
+    lv = levels(terms)
+    full = Breakdown(terms, inputs={"model": m.name, **t.as_dict(), "device": device},
+                     notes=notes_for(m, t, calib, device) + overhead.segment_notes(rp))
     return Estimate(m, t, device, full, total_params(m), trainable_params(m, t), lv.phase_bytes,
                     lv.peak_phase, lv.peak_allocated_bytes, lv.peak_reserved_bytes,
-                    lv.device_total_bytes)
+                    lv.device_total_bytes, lv.paged_bytes, rp)
+
+
+@lru_cache(maxsize=1024)
+def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
+    """The allocator replay of one setup, memoised: sharding options do not change it (the
+    replay is of one unsharded rank; see :func:`vramplan.sharding.shard_estimate`)."""
+    if t.shard != "none" or t.num_gpus != 1:
+        return step_replay(m, replace(t, shard="none", num_gpus=1), device, workspace)
+    d = dtypes_for(t, device)
+    return replay(m, t, d, layer_ledger(LayerCtx(m, t, d)), device, t.expandable_segments,
+                  workspace)
 
 
 @dataclass(frozen=True, slots=True)
 class Levels:
-    """The three peak levels of a set of terms, and the allocator-slack term they imply."""
+    """The peak levels of a set of terms."""
 
     phase_bytes: Mapping[str, int]
     peak_phase: str
-    slack: tuple[Term, ...]
     peak_allocated_bytes: int
     peak_reserved_bytes: int
     device_total_bytes: int
+    paged_bytes: int
 
 
-def levels(terms: tuple[Term, ...], calib: Mapping[str, Any], device: str) -> Levels:
-    """Phase model over `terms` (which must not hold the slack term yet).
+def levels(terms: tuple[Term, ...]) -> Levels:
+    """Phase model over `terms`.
 
     Allocated-level terms are summed per phase (each term's ``phases``); the peak allocated is the
-    largest phase. Reserved adds the calibrated allocator slack on that peak; the device total
-    adds the device-level terms (CUDA context, paged optimizer states).
+    largest phase. Reserved adds the reserved-level terms (the allocator's cache from the replay);
+    the device total adds the device-level terms (memory outside the allocator). Paged-level
+    terms (bitsandbytes managed memory) are summed apart.
     """
     base = Breakdown(terms)
     phases = {p: base.phase_bytes(p) for p in PHASES}
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
-    slack = overhead.allocator_slack_term(calib, peak, device)
-    reserved = peak + sum(x.nbytes for x in slack)
+    reserved = peak + sum(x.nbytes for x in terms if x.level == "reserved")
     device_total = reserved + sum(x.nbytes for x in terms if x.level == "device")
-    return Levels(phases, peak_phase, slack, peak, reserved, device_total)
+    paged = sum(x.nbytes for x in terms if x.level == "paged")
+    return Levels(phases, peak_phase, peak, reserved, device_total, paged)
 
 
 def effective_setup(m: ModelSpec, t: TrainSpec) -> TrainSpec:
@@ -101,8 +136,16 @@ def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str)
     """Assumptions printed under every estimate."""
     notes = []
     if device == "cuda" and calib.get("status") == "provisional":
-        notes.append("runtime constants (CUDA context, cuBLAS workspace, allocator slack) are "
+        notes.append("runtime constants (memory outside the allocator, cuBLAS workspace) are "
                      "PROVISIONAL: not yet fitted on GPU measurements")
+    elif device == "cuda" and calib.get("gpu"):
+        notes.append(f"memory outside the allocator calibrated on {calib['gpu']} "
+                     f"({calib.get('stack', 'see profiles/calibration')}); other GPUs and "
+                     "driver/CUDA versions may differ by tens of MiB")
+    if device == "cuda" and t.resolved_optimizer.startswith("paged"):
+        notes.append("paged optimizer states (bitsandbytes, CUDA managed memory) are not in the "
+                     "device total: they use the GPU while it has room and move to host RAM "
+                     "when it is full (see paged_bytes)")
     if t.method == "qlora":
         notes.append("QLoRA pipeline: from_pretrained(BitsAndBytesConfig) -> "
                      "prepare_model_for_kbit_training (fp32 embeddings/norms/lm_head) -> get_peft_model")

@@ -36,12 +36,20 @@ class Ledger:
     down_input_bytes: int = 0  # per token: what down_proj keeps of its input (released first)
     max_transient: int = 0  # per token: the largest in-flight output of one linear
     peak_partial: int = 0  # per token: saved-so-far + that in-flight output, at the worst linear
+    #: The forward in order, for the allocator replay (:mod:`vramplan.model.timeline`):
+    #: ("save", name) a tensor first saved, ("linear", name) a linear called,
+    #: ("temp", bytes/token) unsaved outputs alive together for a moment.
+    events: list[tuple[str, object]] = field(default_factory=list)
 
     def save(self, t: T) -> None:
+        if t.name not in self.saved:
+            self.events.append(("save", t.name))
         self.saved[t.name] = t.width * t.e
 
-    def in_flight(self, nbytes: int) -> None:
-        """Record an op's unsaved outputs that are alive together at this point of the forward."""
+    def in_flight(self, nbytes: int, pieces: tuple[int, ...] = ()) -> None:
+        """Record an op's unsaved outputs that are alive together at this point of the forward
+        (``pieces``: the tensors among them made here, in order; default: one of ``nbytes``)."""
+        self.events.append(("temp", pieces or (nbytes,)))
         self.max_transient = max(self.max_transient, nbytes)
         self.peak_partial = max(self.peak_partial, self.bytes_per_token() + nbytes)
 
@@ -87,6 +95,7 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
       input, lora_B saves lora_A's output (r per token).
     """
     d = c.d
+    led.events.append(("linear", lin.name))
     if c.base == "train":
         led.save(cast(x, d.compute, f"{lin.name}.in_cast") if d.autocast else x)
         out_e = d.compute if d.autocast else d.load
@@ -101,11 +110,12 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
     if c.adapted(lin):
         # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum
         lora_e = d.compute if d.autocast else FP32
-        led.in_flight(live_input + width * (out_e + lora_e + promote(out_e, lora_e)))
+        pieces = (width * out_e, width * lora_e, width * promote(out_e, lora_e))
     elif c.base == "4bit" and out_e != d.compute:
-        led.in_flight(live_input + width * (d.compute + out_e))  # gemm out + ``.to(inp_dtype)``
+        pieces = (width * d.compute, width * out_e)  # gemm out + ``.to(inp_dtype)``
     else:
-        led.in_flight(live_input + width * out_e)
+        pieces = (width * out_e,)
+    led.in_flight(live_input + sum(pieces), pieces)
     return T(f"{lin.name}.out", width, out_e)
 
 
@@ -166,6 +176,8 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     if c.t.attn == "eager":
         k, v = T("k_repeat", m.q_dim, e), T("v_repeat", m.q_dim, e)
         s, nh = c.t.seq_len, m.num_attention_heads
+        # ``matmul(q, k.T) * scaling`` then ``+ mask``: two score-sized tensors at a time
+        led.in_flight(2 * nh * s * e, (nh * s * e, nh * s * e))
         probs = T("attn_probs_fp32", nh * s, FP32)  # softmax(..., dtype=float32)
         led.save(probs)
         led.save(cast(probs, e, "attn_probs"))  # .to(query.dtype): no copy when fp32

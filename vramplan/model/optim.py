@@ -81,7 +81,8 @@ def optimizer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, device: str) -> tuple
     - torch AdamW: 2·P_t·sizeof(param) + a 4-byte step tensor per parameter (fused/capturable);
     - bnb 8-bit AdamW: 2 B/param + 2·4 B per 256 (absmax), 8 B/param for tensors < 4096 elements;
     - paged optimizers: states of tensors ≥ 1e5 elements live in CUDA managed memory, outside the
-      torch allocator but inside the device total (level "device").
+      torch allocator and outside the device total (level "paged": on the GPU while it has room,
+      else in host RAM).
     Ref: Kingma & Ba 2015 (arXiv:1412.6980); torch.optim.AdamW ``_init_group``; Dettmers et al. 2021
     (arXiv:2110.02861); bitsandbytes ``Optimizer2State.init_state``, ``get_state_buffer``.
     """
@@ -100,5 +101,5 @@ def optimizer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, device: str) -> tuple
     if paged:
         terms.append(Term("optimizer.paged_states", paged, "2 states * numel * sizeof(state), "
                           "tensors >= 1e5 elements", "bitsandbytes get_paged (cudaMallocManaged)",
-                          level="device"))
+                          level="paged"))
     return tuple(terms)

@@ -10,6 +10,7 @@ GROUPS = ("weights", "gradients", "optimizer", "activations", "overhead")
 PHASES = ("layer_forward", "loss_forward", "loss_backward", "recompute_forward", "down_backward",
           "layer_backward", "last_layer_backward", "embedding_backward", "optimizer_step")
 ALWAYS = PHASES
+LEVELS = ("allocated", "reserved", "device", "paged")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,9 @@ class Term:
     formula: str
     ref: str
     phases: tuple[str, ...] = ALWAYS
-    level: str = "allocated"  # "allocated" | "reserved" | "device": the first level that sees it
+    #: The first level that sees it: "allocated" | "reserved" | "device"; "paged" is bitsandbytes
+    #: managed memory, counted apart from the three levels.
+    level: str = "allocated"
 
     def __post_init__(self) -> None:
         group = self.key.split(".", 1)[0]
@@ -29,6 +32,8 @@ class Term:
             raise ValueError(f"term key {self.key!r} must be '<group>.<name>' with group in {GROUPS}")
         if self.nbytes < 0:
             raise ValueError(f"term {self.key} has negative bytes {self.nbytes}")
+        if self.level not in LEVELS:
+            raise ValueError(f"term {self.key}: unknown level {self.level!r}")
         unknown = set(self.phases) - set(PHASES)
         if unknown:
             raise ValueError(f"term {self.key}: unknown phases {sorted(unknown)}")

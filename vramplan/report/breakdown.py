@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 from vramplan.model.estimate import Estimate
+from vramplan.model.overhead import tensor_name
 from vramplan.units import GIB
 
 
-def estimate_json(e: Estimate, gpu: Any = None) -> dict[str, Any]:
+def estimate_json(e: Estimate, gpu: Any = None, calib: Any = None) -> dict[str, Any]:
     """The `vramplan estimate --json` object (bytes are exact integers)."""
     out: dict[str, Any] = {
         "model": e.model.name,
@@ -22,20 +23,40 @@ def estimate_json(e: Estimate, gpu: Any = None) -> dict[str, Any]:
         "peak_allocated_bytes": e.peak_allocated_bytes,
         "peak_reserved_bytes": e.peak_reserved_bytes,
         "device_total_bytes": e.device_total_bytes,
+        "paged_bytes": e.paged_bytes,
+        "largest_temporary_bytes": e.largest_temporary_bytes,
+        "allocator": allocator_json(e),
         "notes": list(e.breakdown.notes),
     }
     if gpu is not None:
+        from vramplan.planner import verdict
+
+        v = verdict(e, gpu, calib or {})
         out["gpu"] = {"key": gpu.key, "name": gpu.name, "memory_bytes": gpu.memory_bytes,
-                      "fits": e.device_total_bytes <= gpu.memory_bytes,
-                      "headroom_bytes": gpu.memory_bytes - e.device_total_bytes}
+                      "capacity_bytes": gpu.capacity_bytes, "verdict": v.word,
+                      "verdict_reason": v.reason, "fits": v.fits,
+                      "headroom_bytes": gpu.capacity_bytes - e.device_total_bytes}
     return out
 
 
-def render_json(e: Estimate, gpu: Any = None) -> str:
-    return json.dumps(estimate_json(e, gpu), indent=2)
+def allocator_json(e: Estimate) -> dict[str, Any] | None:
+    """What the allocator replay saw in the measured step (None off CUDA)."""
+    r = e.replay
+    if r is None:
+        return None
+    return {"replay_peak_allocated_bytes": r.peak_allocated_bytes,
+            "replay_peak_reserved_bytes": r.peak_reserved_bytes,
+            "segments_created": r.segments,
+            "new_segments_in_measured_step": [{"bytes": b, "phase": p, "tensor": tensor_name(n)}
+                                              for b, (p, n) in r.new_segments],
+            "expandable_segments": e.train.expandable_segments}
 
 
-def render_text(e: Estimate, gpu: Any = None) -> str:
+def render_json(e: Estimate, gpu: Any = None, calib: Any = None) -> str:
+    return json.dumps(estimate_json(e, gpu, calib), indent=2)
+
+
+def render_text(e: Estimate, gpu: Any = None, calib: Any = None) -> str:
     """Breakdown table (GiB, % of the peak phase), the three levels, then assumptions."""
     t = e.train
     peak_terms = [x for x in e.breakdown.terms if e.peak_phase in x.phases or x.level != "allocated"]
@@ -53,11 +74,16 @@ def render_text(e: Estimate, gpu: Any = None) -> str:
               f"peak allocated (torch max_memory_allocated): {e.peak_allocated_bytes / GIB:9.2f} GiB",
               f"peak reserved  (torch max_memory_reserved):  {e.peak_reserved_bytes / GIB:9.2f} GiB",
               f"device total   (nvidia-smi used):            {e.device_total_bytes / GIB:9.2f} GiB"]
+    if e.paged_bytes:
+        lines.append(f"paged optimizer states:                      {e.paged_bytes / GIB:9.2f} GiB"
+                     "  (on the GPU while it has room, else in host RAM: not in the device total)")
     if gpu is not None:
-        room = gpu.memory_bytes - e.device_total_bytes
-        verdict = "fits" if room >= 0 else "does NOT fit"
-        lines.append(f"{gpu.name} ({gpu.memory_bytes / GIB:.2f} GiB): {verdict}, "
-                     f"headroom {room / GIB:+.2f} GiB")
+        from vramplan.planner import verdict
+
+        v = verdict(e, gpu, calib or {})
+        room = gpu.capacity_bytes - e.device_total_bytes
+        lines.append(f"{gpu.name} ({gpu.capacity_bytes / GIB:.2f} GiB usable): {v.word.upper()}, "
+                     f"headroom {room / GIB:+.2f} GiB ({v.reason})")
     lines += ["", "notes:"] + [f"  - {n}" for n in e.breakdown.notes]
     return "\n".join(lines)
 

@@ -64,9 +64,9 @@ class MemoryTable:
 
 
 def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec]) -> GpuSpec | None:
-    """The catalog GPU with the least memory_bytes ≥ need (catalog order breaks ties)."""
-    ok = [g for g in gpus if g.memory_bytes >= need_bytes]
-    return min(ok, key=lambda g: g.memory_bytes, default=None)
+    """The catalog GPU with the least CUDA capacity ≥ need (catalog order breaks ties)."""
+    ok = [g for g in gpus if g.capacity_bytes >= need_bytes]
+    return min(ok, key=lambda g: g.capacity_bytes, default=None)
 
 
 def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: TrainSpec,
@@ -92,8 +92,9 @@ def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) 
     t = train
     opts = ", ".join(f"{k} {replace(t, method=k).resolved_optimizer}" for k in methods)
     parts = [
-        "Estimated device total per GPU (what nvidia-smi shows: reserved + CUDA context + paged "
-        "optimizer states), GiB = 2^30 bytes, for one training step",
+        "Estimated device total per GPU (what nvidia-smi shows: reserved by the caching "
+        "allocator + memory outside it; paged optimizer states not included), GiB = 2^30 bytes, "
+        "for one training step",
         f"seq_len {t.seq_len}, micro-batch {t.batch}, precision {t.precision}, "
         f"gradient checkpointing {'on' if t.grad_ckpt else 'off'}, attention {t.attn}",
         f"optimizers: {opts}",
@@ -106,7 +107,7 @@ def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) 
     parts.append("no sharding" if t.shard == "none" else f"{t.shard} over {t.num_gpus} GPUs")
     status = calib.get("status", "fitted")
     parts.append(f"calibration {calib.get('name', 'default')} ({status})")
-    parts.append("GPU = the smallest-memory catalog GPU whose memory is at least the estimate")
+    parts.append("GPU = the catalog GPU with the least usable (CUDA) memory at least the estimate")
     return "; ".join(parts) + "."
 
 
@@ -163,14 +164,15 @@ def _num(x: float | None, spec: str) -> str:
 
 def fit_rows(p: Plan) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the `fit` table (GiB for display)."""
-    head = ["gpu", "GiB", "fits", "headroom GiB", "headroom %", "max seq", "max batch",
-            "min GPUs", "h/1B tok*", "$/1B tok*"]
+    head = ["gpu", "usable GiB", "verdict", "headroom GiB", "headroom %", "max seq",
+            "max batch", "min GPUs", "h/1B tok*", "$/1B tok*"]
     rows = []
     for f in p.fits:
         c = f.cost
         gpus = MISSING if f.min_gpus is None else \
             (f"{f.min_gpus}" + (f" {f.min_gpus_shard}" if f.min_gpus_shard != "none" else ""))
-        rows.append([f.gpu.key, f"{f.gpu.memory_bytes / GIB:.1f}", "yes" if f.fits else "no",
+        word = f.verdict.word if f.verdict else ("fits" if f.fits else "does not fit")
+        rows.append([f.gpu.key, f"{f.gpu.capacity_bytes / GIB:.2f}", word,
                      f"{f.headroom_bytes / GIB:+.1f}", f"{f.headroom_pct:+.0f}",
                      _num(f.max_seq_len, "d"), _num(f.max_batch, "d"), gpus,
                      _num(c.hours_per_billion_tokens if c else None, ",.0f"),
@@ -189,6 +191,10 @@ def render_fit_text(p: Plan, mfu: float) -> str:
               f"{mfu:.0%} of dense peak bf16 (fp16 for T4/V100), on the GPUs the run needs (num-gpus "
               "if it fits, else min GPUs); "
               "price = indicative on-demand list price per GPU-hour (- = no price in the catalog).",
-              "max seq / max batch: largest value that fits with everything else fixed "
-              "(1-token / 1-sequence resolution)."]
+              "usable GiB: what CUDA lets a process allocate (below nvidia-smi's total). verdict: "
+              "tight = may run, but the headroom is below the step's largest single allocation, "
+              "the model's error on measured runs or --margin.",
+              "max seq / max batch: largest value within the usable memory with everything else "
+              "fixed (1-token / 1-sequence resolution; allocator cache interpolated between "
+              "replays at powers of two)."]
     return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""An emulation of PyTorch's CUDA caching allocator, for replaying a step's allocate/free sequence.
+
+The rules are those of ``c10/cuda/CUDACachingAllocator.cpp`` with default settings (torch 2.x),
+summarised in PHYSICS-REFERENCE §6.3:
+
+- a request rounds up to 512 B (``round_size``); requests ≤ 1 MiB (``kSmallSize``) use the small
+  pool, larger ones the large pool;
+- a request first takes the best-fitting free block of its pool: the smallest size ≥ request, then
+  the lowest address (``get_free_block``, a ``lower_bound`` on (size, ptr));
+- a block is split when the remainder is ≥ 512 B (small pool) or > 1 MiB (large pool)
+  (``should_split``); unsplit, the whole block counts as allocated;
+- with no fitting block a new segment is created (``alloc_block``, one ``cudaMalloc``): 2 MiB
+  (``kSmallBuffer``) for small requests, 20 MiB (``kLargeBuffer``) under 10 MiB
+  (``kMinLargeAlloc``), else the request rounded up to 2 MiB (``kRoundLarge``);
+- a freed block merges only with free neighbours of its own segment (``free_block``);
+- segments are never given back (no ``empty_cache`` in a training step), so reserved only grows.
+
+``expandable_segments=True`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) keeps one
+segment per pool that grows by mapping pages at its end (2 MiB small, 20 MiB large): neighbouring
+free blocks always merge, and a request that does not fit extends the segment's free tail.
+
+Reserved is the sum of segment sizes; allocated the sum of allocated block sizes, as
+``torch.cuda.memory_reserved`` / ``memory_allocated`` count them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+
+K_MIN_BLOCK = 512
+K_SMALL_SIZE = 1 << 20
+K_SMALL_BUFFER = 2 << 20
+K_LARGE_BUFFER = 20 << 20
+K_MIN_LARGE_ALLOC = 10 << 20
+K_ROUND_LARGE = 2 << 20
+
+
+def round_size(n: int) -> int:
+    """``round_size``: at least 512 B, a multiple of 512 B."""
+    return K_MIN_BLOCK if n < K_MIN_BLOCK else -(-n // K_MIN_BLOCK) * K_MIN_BLOCK
+
+
+def segment_size(n: int) -> int:
+    """``get_allocation_size``: the cudaMalloc made for a request with no cached block."""
+    if n <= K_SMALL_SIZE:
+        return K_SMALL_BUFFER
+    if n < K_MIN_LARGE_ALLOC:
+        return K_LARGE_BUFFER
+    return -(-n // K_ROUND_LARGE) * K_ROUND_LARGE
+
+
+def should_split(small: bool, remaining: int) -> bool:
+    """``should_split``: small pool ≥ 512 B left over, large pool > 1 MiB left over."""
+    return remaining >= K_MIN_BLOCK if small else remaining > K_SMALL_SIZE
+
+
+class Block:
+    """A contiguous piece of one segment, allocated or free."""
+
+    __slots__ = ("addr", "size", "small", "allocated", "prev", "next")
+
+    def __init__(self, addr: int, size: int, small: bool, prev: "Block | None" = None,
+                 nxt: "Block | None" = None) -> None:
+        self.addr, self.size, self.small, self.allocated = addr, size, small, False
+        self.prev, self.next = prev, nxt
+
+
+class Pool:
+    """Free blocks of one pool, sorted by (size, address) as the allocator's ``BlockPool``."""
+
+    __slots__ = ("keys", "blocks")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int]] = []  # (size, addr), sorted
+        self.blocks: dict[int, Block] = {}  # addr -> free block
+
+    def add(self, b: Block) -> None:
+        insort(self.keys, (b.size, b.addr))
+        self.blocks[b.addr] = b
+
+    def remove(self, b: Block) -> None:
+        del self.keys[bisect_left(self.keys, (b.size, b.addr))]
+        del self.blocks[b.addr]
+
+
+class CachingAllocator:
+    """Replays malloc/free and tracks allocated, reserved, their peaks and segment births."""
+
+    def __init__(self, expandable_segments: bool = False) -> None:
+        self.expandable = expandable_segments
+        self.pools = {True: Pool(), False: Pool()}
+        self.next_addr = 0
+        self.allocated = self.reserved = 0
+        self.peak_allocated = self.peak_reserved = 0
+        self.largest = 0  # the largest block handed out
+        self.phase = ""  # what the replay is doing, recorded with each new segment
+        self.segments: list[tuple[int, object]] = []  # (bytes, the request's tag) per cudaMalloc
+        self.tails: dict[bool, Block] = {}  # expandable: the last block of each pool's segment
+
+    def malloc(self, nbytes: int, tag: object = "") -> Block:
+        """Allocate ``nbytes`` (a tensor's storage); returns the block to pass to :meth:`free`."""
+        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+        small = n <= K_SMALL_SIZE
+        pool = self.pools[small]
+        keys = pool.keys
+        i = bisect_left(keys, (n, -1))  # best fit: smallest size >= n, then lowest address
+        if i < len(keys):
+            b = pool.blocks.pop(keys[i][1])
+            del keys[i]
+        else:
+            b = self._grow(n, small, tag)
+        rest = b.size - n
+        if (rest >= K_MIN_BLOCK) if small else (rest > K_SMALL_SIZE):  # should_split
+            tail = Block(b.addr + n, rest, small, b, b.next)
+            if b.next is not None:
+                b.next.prev = tail
+            b.next, b.size = tail, n
+            if self.expandable and self.tails.get(small) is b:
+                self.tails[small] = tail
+            insort(keys, (rest, tail.addr))
+            pool.blocks[tail.addr] = tail
+        b.allocated = True
+        if b.size > self.largest:
+            self.largest = b.size
+        self.allocated += b.size
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+        return b
+
+    def transient(self, nbytes: int, tag: object = "") -> None:
+        """Allocate and at once free ``nbytes`` (a temporary consumed by the next op).
+
+        Exactly :meth:`malloc` then :meth:`free`, done without touching the block structure:
+        free blocks are always maximal runs of their segment, so a split block merges back into
+        the same free block; only a new segment (when no cached block fits) stays behind.
+        """
+        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+        small = n <= K_SMALL_SIZE
+        pool = self.pools[small]
+        keys = pool.keys
+        i = bisect_left(keys, (n, -1))
+        if i < len(keys):
+            size = keys[i][0]
+        else:
+            b = self._grow(n, small, tag)  # a whole free segment (or the grown free tail)
+            size = b.size
+            pool.add(b)
+        rest = size - n
+        used = n if ((rest >= K_MIN_BLOCK) if small else (rest > K_SMALL_SIZE)) else size
+        if used > self.largest:
+            self.largest = used
+        if self.allocated + used > self.peak_allocated:
+            self.peak_allocated = self.allocated + used
+
+    def free(self, b: Block) -> None:
+        """Return a block to its pool, merging with free neighbours of the same segment."""
+        b.allocated = False
+        self.allocated -= b.size
+        pool = self.pools[b.small]
+        p = b.prev
+        if p is not None and not p.allocated:
+            pool.remove(p)
+            b.addr, b.size, b.prev = p.addr, p.size + b.size, p.prev
+            if p.prev is not None:
+                p.prev.next = b
+        nx = b.next
+        if nx is not None and not nx.allocated:
+            pool.remove(nx)
+            b.size, b.next = b.size + nx.size, nx.next
+            if nx.next is not None:
+                nx.next.prev = b
+            if self.expandable and self.tails.get(b.small) is nx:
+                self.tails[b.small] = b
+        pool.add(b)
+
+    def empty_cache(self) -> None:
+        """``torch.cuda.empty_cache()``: give back every segment with nothing allocated in it."""
+        for small, pool in self.pools.items():
+            whole = [b for b in pool.blocks.values() if b.prev is None and b.next is None]
+            for b in whole:
+                pool.remove(b)
+                self.reserved -= b.size
+                if self.tails.get(small) is b:
+                    del self.tails[small]
+
+    def reset_peaks(self) -> None:
+        """``torch.cuda.reset_peak_memory_stats()``: peaks restart from the current levels."""
+        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
+
+    def _grow(self, n: int, small: bool, tag: object) -> Block:
+        """No cached block fits: a new segment, or (expandable) more pages at the segment's end."""
+        if not self.expandable:
+            size = segment_size(n)
+            b = Block(self.next_addr, size, small)
+            self.next_addr += size + K_ROUND_LARGE  # segments are never adjacent
+            self._reserve(size, tag)
+            return b
+        page = K_SMALL_BUFFER if small else K_LARGE_BUFFER
+        tail = self.tails.get(small)
+        free_tail = tail.size if tail is not None and not tail.allocated else 0
+        grow = -(-(n - free_tail) // page) * page
+        self._reserve(grow, tag)
+        if free_tail:
+            self.pools[small].remove(tail)
+            tail.size += grow
+            return tail
+        b = Block(self.next_addr if tail is None else tail.addr + tail.size, grow, small, tail)
+        if tail is None:
+            self.next_addr += 1 << 50  # each pool's virtual range is its own
+        else:
+            tail.next = b
+        self.tails[small] = b
+        return b
+
+    def _reserve(self, size: int, tag: object) -> None:
+        self.reserved += size
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self.segments.append((size, (self.phase, tag)))

@@ -1,0 +1,483 @@
+"""The ordered allocate/free sequence of model build, a warm-up step and a measured step.
+
+What the harness (and a user's run) does on a CUDA device, tensor by tensor, in order:
+
+1. build: every parameter in module order; a 4-bit linear is materialised in the load dtype and
+   quantised (packed weight, fp32 absmax, with double quant the absmax re-quantised to uint8 plus
+   a second-level fp32 absmax), the temporaries freed (transformers ``Bnb4bitQuantize``,
+   bitsandbytes ``quantize_4bit``); ``prepare_model_for_kbit_training`` casts every non-4-bit
+   parameter to fp32 (``param.data = param.data.to(float32)``) and then calls
+   ``torch.cuda.empty_cache()``; peft adds the adapters (moved to the base layer's device and
+   dtype, then cast to fp32 by ``cast_adapter_dtype``).
+2. a step: the embedding output and rotary cos/sin; per decoder layer the forward as the
+   :mod:`vramplan.model.ledger` replay lists it (tensors saved for backward, linears called,
+   short-lived outputs), with at every 4-bit linear a dequantised weight, and under autocast the
+   bf16 copies of fp32 trainable weights (kept until the forward ends, or saved for backward).
+   With gradient checkpointing a layer's tensors are freed at its end and made again in backward.
+   Then the logits chain (transformers ``ForCausalLMLoss``), its backward, and the layers'
+   backward in reverse: the ledger's events reversed, releasing saved tensors, giving birth to
+   the parameter gradients (AccumulateGrad) and dequantising 4-bit weights again. At the first
+   ``optimizer.step()`` the states are born in parameter order (torch AdamW ``_init_group``:
+   exp_avg then exp_avg_sq per parameter; bitsandbytes: state1, state2 and their absmax, paged
+   ones in managed memory outside the allocator); ``zero_grad(set_to_none=True)`` frees the grads.
+
+Sizes come from the same inventory as the analytic terms (:mod:`vramplan.model.params`, the
+ledger, :mod:`vramplan.model.weights`), so the replay's allocated peak tracks the phase model's.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, replace
+
+from vramplan.model.allocator import Block, CachingAllocator
+from vramplan.model.dtypes import Dtypes
+from vramplan.model.ledger import FP32, Ledger
+from vramplan.model.optim import BNB_8BIT_BLOCKSIZE, BNB_MIN_8BIT_SIZE, BNB_PAGED_MIN_NUMEL
+from vramplan.model.params import Tensor, layer_linears, lora_tensors, param_tensors
+from vramplan.model.weights import BNB_4BIT_BLOCKSIZE, BNB_DQ_BLOCKSIZE, int8_bytes, quantized
+from vramplan.specs import ModelSpec, TrainSpec
+from vramplan.units import ceil_div
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What the allocator replay saw in the measured step (the second one)."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    new_segments: tuple[tuple[int, tuple[str, str]], ...]  # (bytes, (phase, tensor)) born in it
+    segments: int  # segments created over build and both steps
+    largest_block_bytes: int  # the largest single allocation of the measured step
+
+
+class Run:
+    """A replay in progress: named live tensors on an emulated allocator."""
+
+    def __init__(self, expandable: bool) -> None:
+        self.alloc = CachingAllocator(expandable)
+        self.live: dict[str, Block] = {}
+        self.groups: dict[str, list] = {}
+        self.phase = "build"
+
+    def new(self, name: str, nbytes: int, group: str | None = None) -> None:
+        """Allocate a named tensor (optionally in a group freed together by :meth:`drop_group`)."""
+        if nbytes > 0:
+            self.live[name] = self.alloc.malloc(nbytes, name)
+            if group is not None:
+                self.groups.setdefault(group, []).append(name)
+
+    def drop(self, *names: str) -> None:
+        for name in names:
+            b = self.live.pop(name, None)
+            if b is not None:
+                self.alloc.free(b)
+
+    def temp(self, name: str, nbytes: int) -> None:
+        """A tensor made and freed at once (it still needs a block, and may force a segment)."""
+        if nbytes > 0:
+            self.alloc.transient(nbytes, name)
+
+    @property
+    def phase(self) -> str:
+        return self.alloc.phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self.alloc.phase = value
+
+    def drop_group(self, group: str) -> None:
+        self.drop(*self.groups.pop(group, ()))
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What the replay needs of a model and setup, resolved once."""
+
+    m: ModelSpec
+    t: TrainSpec
+    d: Dtypes
+    led: Ledger
+    linears: dict  # name -> Linear
+    adapted: frozenset  # linear names with LoRA adapters
+    layer_params: tuple  # one layer's parameter tensors in named_parameters order
+    device: str
+    program: "LayerProgram | None" = None
+
+    @property
+    def n_tok(self) -> int:
+        return self.t.seq_len * self.t.batch
+
+
+def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> Layout:
+    L = m.num_hidden_layers
+    per = []
+    for x in param_tensors(m):
+        if x.count % L == 0 and x.kind in ("linear", "bias", "norm", "router", "expert"):
+            per += [Tensor(x.name, x.numel, 1, x.kind)] * (x.count // L)
+    lins = {lin.name: lin for lin in layer_linears(m)}
+    adapted = frozenset(x.name.rsplit(".", 1)[0] for x in lora_tensors(m, t)
+                        if x.name.rsplit(".", 1)[0] in lins)
+    lay = Layout(m, t, d, led, lins, adapted, tuple(per), device)
+    return replace(lay, program=layer_program(lay))
+
+
+def quant_pieces(n: int, double_quant: bool) -> tuple[int, int, int, int]:
+    """(packed, fp32 absmax, uint8 absmax, second-level fp32 absmax) bytes of a 4-bit weight
+    (bitsandbytes ``quantize_4bit``; with double quant ``quantize_blockwise(absmax - offset)``)."""
+    blocks = ceil_div(n, BNB_4BIT_BLOCKSIZE)
+    if not double_quant:
+        return ceil_div(n, 2), 4 * blocks, 0, 0
+    return ceil_div(n, 2), 4 * blocks, blocks, 4 * ceil_div(blocks, BNB_DQ_BLOCKSIZE)
+
+
+def build(r: Run, lay: Layout) -> None:
+    """from_pretrained (+ 4-bit quantisation), prepare_model_for_kbit_training, get_peft_model."""
+    m, t, d = lay.m, lay.t, lay.d
+    L, load = m.num_hidden_layers, d.load
+    tensors = param_tensors(m)
+    embed = next(x for x in tensors if x.kind == "embed")
+    nonq = [("embed", embed.numel)]
+    r.new("w.embed", embed.numel * load)
+    for i in range(L):
+        for j, x in enumerate(lay.layer_params):
+            key = f"w.{i}.{j}"
+            if t.method == "qlora" and quantized(x):
+                r.new("value", x.numel * load)
+                if t.quant == "int8":
+                    w, c = int8_bytes(x.numel, lay.linears[x.name].out_features)
+                    r.new(key, w)
+                    r.new(key + ".scb", c)
+                else:
+                    packed, absmax, qabsmax, absmax2 = quant_pieces(x.numel, t.double_quant)
+                    r.new(key, packed)
+                    r.new("absmax", absmax)
+                    if t.double_quant:
+                        r.new("centered", absmax)
+                        r.new(key + ".qabsmax", qabsmax)
+                        r.new(key + ".absmax2", absmax2)
+                        r.drop("centered", "absmax")
+                    else:
+                        r.live[key + ".absmax"] = r.live.pop("absmax")
+                r.drop("value")
+            else:
+                r.new(key, x.numel * load)
+                nonq.append((f"{i}.{j}", x.numel))
+    r.new("w.final_norm", m.hidden_size * load)
+    nonq.append(("final_norm", m.hidden_size))
+    for x in tensors:
+        if x.kind == "lm_head":
+            r.new("w.lm_head", x.numel * load)
+            nonq.append(("lm_head", x.numel))
+    if t.method == "qlora":
+        if d.nonquant != load:
+            for key, n in nonq:
+                r.new("w32." + key, n * d.nonquant)
+                r.drop("w." + key)
+        r.alloc.empty_cache()  # prepare_model_for_kbit_training(auto_clear_cache=True)
+    if t.method != "full":
+        adapters = [(f"{i}.{x.name}", x.numel) for i in range(L) for x in lora_tensors(m, t)
+                    if x.count == L]
+        moved = load if t.method == "lora" else d.trainable  # a 4-bit base has no float dtype
+        for key, n in adapters:
+            r.new("lora." + key, n * moved)
+        if moved != d.trainable:
+            for key, n in adapters:  # PeftModel(autocast_adapter_dtype=True)
+                r.live["lora." + key + ".tmp"] = r.live.pop("lora." + key)
+                r.new("lora." + key, n * d.trainable)
+                r.drop("lora." + key + ".tmp")
+
+
+def trainable_order(lay: Layout) -> list[tuple[str, int]]:
+    """(name, numel) of every trainable tensor in parameter order (the optimizer's order)."""
+    m, t = lay.m, lay.t
+    L = m.num_hidden_layers
+    if t.method != "full":
+        lt = lora_tensors(m, t)
+        return [(f"{i}.{x.name}", x.numel) for i in range(L) for x in lt if x.count == L]
+    tensors = param_tensors(m)
+    out = [("embed", next(x for x in tensors if x.kind == "embed").numel)]
+    out += [(f"{i}.{j}", x.numel) for i in range(L) for j, x in enumerate(lay.layer_params)]
+    out.append(("final_norm", m.hidden_size))
+    out += [("lm_head", x.numel) for x in tensors if x.kind == "lm_head"]
+    return out
+
+
+def linear_weights(lay: Layout, name: str) -> list[tuple[str, int]]:
+    """(suffix, numel) of the trainable weights used by one linear call: the full weight (and
+    bias) in full fine-tuning, lora_A and lora_B when adapted, nothing otherwise."""
+    lin = lay.linears[name]
+    if lay.t.method == "full":
+        out = [("", lin.weight_params)]
+        return out + [(".bias", lin.out_features)] if lin.bias else out
+    if name in lay.adapted:
+        r = lay.t.lora_r
+        return [(".lora_A", r * lin.in_features), (".lora_B", r * lin.out_features)]
+    return []
+
+
+def dequant_bytes(lay: Layout, name: str) -> int:
+    """The bf16 weight ``dequantize_4bit`` makes for one 4-bit matmul (+ fp32 absmax with DQ)."""
+    n = lay.linears[name].weight_params
+    return n * lay.d.compute + (4 * ceil_div(n, BNB_4BIT_BLOCKSIZE) if lay.t.double_quant else 0)
+
+
+def merged_experts_bytes(lay: Layout) -> int:
+    """peft ParamWrapper's merged W + B·A copy of a layer's expert stacks (see
+    :func:`activations.moe_merged_expert_terms`); 0 unless LoRA all-linear on an MoE."""
+    m, t = lay.m, lay.t
+    if not m.is_moe or t.method == "full" or t.target_modules() is not None:
+        return 0
+    return 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * lay.d.nonquant
+
+
+def other_grads(lay: Layout) -> list[tuple[str, int]]:
+    """A layer's trainable tensors that no nn.Linear call covers: norms, router and fused
+    experts in full fine-tuning; the router and expert LoRA factors of an MoE under LoRA."""
+    if lay.t.method == "full":
+        return [(f"p{j}", x.numel) for j, x in enumerate(lay.layer_params)
+                if x.kind in ("norm", "router", "expert")]
+    return [(x.name, x.numel) for x in lora_tensors(lay.m, lay.t)
+            if x.count == lay.m.num_hidden_layers and x.name.rsplit(".", 1)[0] not in lay.linears]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerProgram:
+    """A decoder layer's forward and backward as byte-sized operations, resolved once per
+    replay from the ledger's events (every layer runs the same program)."""
+
+    forward: tuple  # ("save", name, bytes) | ("dequant", bytes) | ("cast", name, bytes)
+    #                 | ("temp", (bytes, ...))
+    backward: tuple  # ("drop", name) | ("linear", first, dequant bytes, ((name, grad bytes), ...))
+
+
+def layer_program(lay: Layout) -> LayerProgram:
+    n, d = lay.n_tok, lay.d
+    qlora = lay.t.method == "qlora" and lay.t.quant != "int8"
+    casts = d.autocast and d.trainable == FP32  # autocast's bf16 copies of fp32 weights
+    fwd: list[tuple] = []
+    bwd: list[tuple] = []
+    for kind, what in lay.led.events:
+        if kind == "save" and what != "layer_in":
+            fwd.append(("save", what, lay.led.saved[what] * n))
+        elif kind == "linear":
+            if qlora:
+                fwd.append(("dequant", dequant_bytes(lay, what)))
+            if casts:
+                fwd += [("cast", what + suffix, numel * d.compute)
+                        for suffix, numel in linear_weights(lay, what)]
+        elif kind == "temp":
+            fwd.append(("temp", tuple(x * n for x in what)))
+    first = True
+    for kind, what in reversed(lay.led.events):
+        if kind == "save" and what != "layer_in":
+            bwd.append(("drop", what))
+        elif kind == "linear":
+            grads = tuple((what + suffix, numel * d.trainable)
+                          for suffix, numel in linear_weights(lay, what))
+            bwd.append(("linear", first, dequant_bytes(lay, what) if qlora else 0, grads))
+            first = False
+    return LayerProgram(tuple(fwd), tuple(bwd))
+
+
+def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
+    """One decoder layer's forward (or its recomputation): its saved tensors (freed at the
+    layer's end under checkpointing), dequantised weights, autocast copies, outputs in flight."""
+    keep_casts = recompute or not lay.t.grad_ckpt
+    group = f"a.{i}"
+    r.new(("merged", i), merged_experts_bytes(lay), None if keep_casts else group)
+    live, malloc, transient, free = r.live, r.alloc.malloc, r.alloc.transient, r.alloc.free
+    members = r.groups.setdefault(group, [])
+    cache = r.groups.setdefault("cache", [])
+    for op in lay.program.forward:
+        kind = op[0]
+        if kind == "save":
+            key = ("a", i, op[1])
+            live[key] = malloc(op[2], key)
+            members.append(key)
+        elif kind == "temp":
+            pieces = op[1]
+            if len(pieces) == 1:
+                if pieces[0]:
+                    transient(pieces[0], "in_flight")
+            else:
+                blocks = [malloc(x, "in_flight") for x in pieces if x]
+                for b in blocks:
+                    free(b)
+        elif kind == "dequant":
+            transient(op[1], "dequant")
+        else:  # cast
+            key = ("cast" if keep_casts else "cache", i, op[1])
+            live[key] = malloc(op[2], key)
+            if not keep_casts:
+                cache.append(key)
+    if not recompute:
+        r.new(("x", i + 1), lay.m.hidden_size * lay.d.residual * lay.n_tok)
+        if lay.t.grad_ckpt:
+            r.drop_group(group)
+
+
+def backward_layer(r: Run, lay: Layout, i: int) -> None:
+    """Layer i's backward: the ledger's events reversed, after the recomputation when
+    checkpointing; MLP and residual gradient buffers as :func:`activations.workspace_terms`."""
+    m, d, n = lay.m, lay.d, lay.n_tok
+    if lay.t.grad_ckpt:
+        forward_layer(r, lay, i, recompute=True)
+    width = m.intermediate_size * (m.num_experts_per_tok or 1)
+    e = lay.led.mlp_e
+    r.new(("g.res", i), m.hidden_size * (FP32 + d.residual) * n)
+    live, malloc, transient, free = r.live, r.alloc.malloc, r.alloc.transient, r.alloc.free
+    grads = r.groups.setdefault("grad", [])
+    for op in lay.program.backward:
+        if op[0] == "drop":
+            b = live.pop(("a", i, op[1]), None)
+            if b is not None:
+                free(b)
+            continue
+        _, first, dq, weights = op
+        if first:
+            r.new(("g.prod", i), width * e * n)
+        if dq:
+            transient(dq, "dequant")
+        for name, nbytes in weights:
+            key = ("grad", i, name)
+            live[key] = malloc(nbytes, key)
+            grads.append(key)
+            b = live.pop(("cast", i, name), None)
+            if b is not None:
+                free(b)
+        if first:
+            r.new(("g.mlp", i), max(0, 2 * width * e - lay.led.down_input_bytes) * n)
+    for name, numel in other_grads(lay):
+        r.new(("grad", i, name), numel * d.trainable, "grad")
+    r.drop(("g.mlp", i), ("g.prod", i), ("merged", i))
+    r.new(("g.x", i), m.hidden_size * d.residual * n)
+    r.drop(("g.x", i + 1), ("g.res", i), ("x", i + 1))
+
+
+def loss_forward(r: Run, lay: Layout) -> None:
+    """Final norm, lm_head and ForCausalLMLoss: logits, ``logits.float()``, log_softmax; the
+    model output (and its logits) is dropped when the loop keeps only ``.loss``."""
+    m, t, d, n = lay.m, lay.t, lay.d, lay.n_tok
+    nv = n * m.vocab_size
+    r.new("final_norm", (4 * m.hidden_size + 4) * n)
+    if d.autocast and d.nonquant == FP32 and t.method != "full":
+        r.new("lm_head_cast", m.vocab_size * m.hidden_size * 2)
+    e_l = logits_bytes(lay)
+    r.new("logits", e_l * nv)
+    if m.final_logit_softcapping:  # Gemma-2: tanh(logits / c) * c, tanh's output saved
+        r.new("softcap", e_l * nv)
+    if e_l != FP32:
+        r.new("logits32", FP32 * nv)
+    r.new("log_softmax", FP32 * nv)
+    r.drop("logits32", "logits")
+    r.drop_group("cache")  # autocast's weight cache is cleared when the forward exits
+
+
+def logits_bytes(lay: Layout) -> int:
+    d, t = lay.d, lay.t
+    return d.compute if d.autocast else (d.trainable if t.method == "full" else d.nonquant)
+
+
+def loss_backward(r: Run, lay: Layout) -> None:
+    """NLL and log_softmax backward (two fp32 N·V grads), the cast back, lm_head backward."""
+    m, t, d, n = lay.m, lay.t, lay.d, lay.n_tok
+    nv = n * m.vocab_size
+    e_l = logits_bytes(lay)
+    r.new("g.nll", FP32 * nv)
+    r.new("g.lsm", FP32 * nv)
+    r.drop("g.nll", "log_softmax")
+    if e_l != FP32:
+        r.new("g.logits", e_l * nv)
+        r.drop("g.lsm")
+    if t.method == "full":
+        head = "embed" if m.tie_word_embeddings else "lm_head"
+        r.new(f"grad.{head}", m.vocab_size * m.hidden_size * d.trainable, "grad")
+        r.new("grad.final_norm", m.hidden_size * d.trainable, "grad")
+    r.new(("g.x", m.num_hidden_layers), m.hidden_size * d.residual * n)
+    r.drop("g.logits", "g.lsm", "lm_head_cast", "final_norm", "softcap")
+
+
+def state_pieces(numel: int, opt: str, e: int) -> list[int]:
+    """Allocator blocks of one tensor's optimizer state, in allocation order (paged states of
+    tensors ≥ 1e5 elements live in managed memory and are not listed)."""
+    if opt == "sgd":
+        return []
+    if opt == "adamw":
+        return [numel * e, numel * e, FP32]  # exp_avg, exp_avg_sq, step (fused: on the device)
+    if opt.startswith("paged") and numel >= BNB_PAGED_MIN_NUMEL:
+        if opt.endswith("8bit") and numel >= BNB_MIN_8BIT_SIZE:
+            return [FP32 * ceil_div(numel, BNB_8BIT_BLOCKSIZE)] * 2
+        return []
+    if opt.endswith("8bit") and numel >= BNB_MIN_8BIT_SIZE:
+        absmax = FP32 * ceil_div(numel, BNB_8BIT_BLOCKSIZE)
+        return [numel, numel, absmax, absmax]
+    return [numel * FP32, numel * FP32]
+
+
+def step(r: Run, lay: Layout, first: bool, workspace: int = 0) -> None:
+    """One optimizer step: forward, loss, backward, optimizer step, zero_grad. The first step
+    also creates the cuBLAS workspaces (``workspace`` bytes per handle; the autograd thread has
+    its own handle: ``CublasHandlePool.cpp``)."""
+    m, t, d, n = lay.m, lay.t, lay.d, lay.n_tok
+    L = m.num_hidden_layers
+    r.phase = "forward"
+    if first:
+        r.new("cublas.forward", workspace)
+    r.new(("x", 0), m.hidden_size * d.residual * n)
+    r.new("rope", 2 * m.head_dim * d.nonquant * n)
+    if t.attn == "eager":  # masking_utils: one additive b·s² mask per mask kind
+        s = t.seq_len
+        kinds = 2 if m.sliding_window and m.sliding_window < s else 1
+        for k in range(kinds):
+            r.new(f"mask.{k}", t.batch * s * s * d.nonquant)
+    for i in range(L):
+        forward_layer(r, lay, i, recompute=False)
+    r.phase = "loss"
+    loss_forward(r, lay)
+    r.phase = "backward"
+    if first:
+        r.new("cublas.backward", workspace)
+    loss_backward(r, lay)
+    for i in reversed(range(L)):
+        backward_layer(r, lay, i)
+    r.drop("rope", ("g.x", 0), ("x", 0), "mask.0", "mask.1")
+    if t.method == "full":
+        v_h = m.vocab_size * m.hidden_size * d.trainable
+        if m.tie_word_embeddings:  # embedding_dense_backward, then AccumulateGrad's sum
+            r.new("g.embed_dense", v_h)
+            r.new("g.embed_sum", v_h)
+            r.drop("g.embed_dense", "grad.embed")
+            r.live["grad.embed"] = r.live.pop("g.embed_sum")
+            r.groups.setdefault("grad", []).append("grad.embed")
+        else:
+            r.new("grad.embed", v_h, "grad")
+    r.phase = "optimizer"
+    if first and lay.device == "cuda":
+        opt = t.resolved_optimizer
+        for name, numel in trainable_order(lay):
+            for k, nbytes in enumerate(state_pieces(numel, opt, d.trainable)):
+                r.new(f"state.{name}.{k}", nbytes)
+    r.drop_group("grad")
+
+
+def replay(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str = "cuda",
+           expandable: bool = False, workspace: int = 0) -> Replay:
+    """Build, a warm-up step and a measured step through the caching-allocator emulation; the
+    peaks are those of the measured step (the harness resets them after warm-up)."""
+    lay = layout(m, t, d, led, device)
+    r = Run(expandable)
+    collecting = gc.isenabled()
+    gc.disable()  # tens of thousands of short-lived blocks: the cycle collector only slows it
+    try:
+        build(r, lay)
+        step(r, lay, first=True, workspace=workspace)
+        before = len(r.alloc.segments)
+        r.alloc.reset_peaks()
+        r.alloc.largest = 0
+        step(r, lay, first=False)
+    finally:
+        if collecting:
+            gc.enable()
+    return Replay(r.alloc.peak_allocated, r.alloc.peak_reserved,
+                  tuple(r.alloc.segments[before:]), len(r.alloc.segments), r.alloc.largest)
