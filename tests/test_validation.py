@@ -42,3 +42,57 @@ def test_check_fails_on_a_drifted_record(root, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rec) + "\n")
     assert main(["check", str(bad)]) == 1
+
+
+def test_committed_h200_results_pass_check_at_all_three_levels(root, capsys):
+    """The H200 records (validation/results/h200.jsonl, unchanged from the harness run) agree at
+    the allocated, reserved and device levels, and the out-of-memory record is predicted tight
+    or not to fit."""
+    path = root / "validation/results/h200.jsonl"
+    assert main(["check", str(path), "--tolerance", TOLERANCE]) == 0
+    out = capsys.readouterr().out
+    assert "[verdict on this GPU: tight]" in out or "[verdict on this GPU: does not fit]" in out
+
+
+def test_h200_error_statistics_meet_the_issue_bounds(root, calib):
+    """Median and max |error| per level: allocated ≤ 0.5% / 2.5%, reserved and device ≤ 1.5% / 5%.
+    No per-case factor and no fitted slack: the only calibrated value is non_allocator."""
+    from statistics import median
+
+    from vramplan.compare import LEVELS, compare_record
+    from vramplan.measure.records import read_records
+
+    rows = [compare_record(r, calib) for r in read_records(root / "validation/results/h200.jsonl")]
+    bounds = {"peak_allocated_bytes": (0.005, 0.025), "peak_reserved_bytes": (0.015, 0.05),
+              "device_total_bytes": (0.015, 0.05)}
+    for lvl in LEVELS:
+        errs = [abs(c.errors[lvl]) for c in rows if lvl in c.errors]
+        assert len(errs) == 19
+        assert median(errs) <= bounds[lvl][0] and max(errs) <= bounds[lvl][1], lvl
+    assert set(calib) >= {"non_allocator", "cublas_workspace", "verdict"}
+    assert "allocator_slack" not in calib
+
+
+def test_calibrated_verdict_margin_covers_the_current_device_error(root, calib):
+    """calibration[verdict].device_error is the model's own worst device-level error on the
+    records it was fitted on: it must not be smaller than what check measures now."""
+    from vramplan.compare import compare_record
+    from vramplan.measure.records import read_records
+
+    rows = [compare_record(r, calib) for r in read_records(root / "validation/results/h200.jsonl")]
+    worst = max(abs(c.errors["device_total_bytes"]) for c in rows if c.errors)
+    assert calib["verdict"]["device_error"] >= worst
+    assert calib["verdict"]["device_error"] - worst < 0.001  # refreshed, not padded
+
+
+def test_h200_records_are_the_harness_output_unchanged(root):
+    """validation/results/h200.jsonl is ../shared/measurements/h200-2026-11-29.jsonl as measured."""
+    import hashlib
+
+    data = (root / "validation/results/h200.jsonl").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == H200_SHA256
+    records = [json.loads(x) for x in data.decode().splitlines()]
+    assert len(records) == 20 and all(r["env"]["device_name"] == "NVIDIA H200" for r in records)
+
+
+H200_SHA256 = "ed61cdc59979122c3066b73cee8e43eb241e65ad67a6f5d178361f4fd77aeb51"

@@ -101,3 +101,14 @@ def test_timeout_and_resume(matrix, tmp_path):
     assert [r["case_id"] for r in again] == ["fails"]  # "hangs" is already recorded
     assert out.read_text().startswith(first)
     assert run_matrix(matrix, "cpu", out, only="hangs,fails", resume=True, progress=None) == []
+
+
+def test_expandable_segments_reach_the_worker_through_the_alloc_conf():
+    from vramplan.measure.runner import alloc_conf, worker_env
+
+    assert alloc_conf({"expandable_segments": True}, None) == "expandable_segments:True"
+    assert alloc_conf({"expandable_segments": True}, "max_split_size_mb:128") == \
+        "max_split_size_mb:128,expandable_segments:True"
+    assert alloc_conf({}, "garbage_collection_threshold:0.6") == "garbage_collection_threshold:0.6"
+    env = worker_env("cuda", {"expandable_segments": True})
+    assert env["PYTORCH_CUDA_ALLOC_CONF"].endswith("expandable_segments:True")

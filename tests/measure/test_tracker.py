@@ -114,10 +114,15 @@ def fake_cuda(monkeypatch, nvml=True):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["alloc"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: bump())
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: state["peak"] + 512)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10**9 - state["used"] - 99, 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a: {"num_alloc_retries": 2})
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a: {"segments": [
+        {"total_size": 2 << 20, "allocated_size": 4096, "segment_type": "small"},
+        {"total_size": 40 << 20, "allocated_size": 30 << 20, "segment_type": "large"}]})
     return state
 
 
-def run_fake_cuda_steps(baseline):
+def run_fake_cuda_steps(baseline, snapshot=False):
     """Three phases of a tiny full fine-tune measured through CudaProbe."""
     import types
 
@@ -130,7 +135,8 @@ def run_fake_cuda_steps(baseline):
     model.forward = lambda input_ids, labels: types.SimpleNamespace(
         loss=torch.nn.functional.linear(input_ids.float(), model.weight).sum())
     train = TrainSpec(method="full", precision="fp32", optimizer="sgd", seq_len=8)
-    return run_steps(model, train, "cpu", warmup=1, measured=2, probe=probes.CudaProbe(baseline))
+    return run_steps(model, train, "cpu", warmup=1, measured=2,
+                     probe=probes.CudaProbe(baseline, snapshot=snapshot))
 
 
 def test_cuda_probe_protocol_with_fake_cuda_and_nvml(monkeypatch):
@@ -147,6 +153,20 @@ def test_cuda_probe_protocol_with_fake_cuda_and_nvml(monkeypatch):
     assert m["peak_reserved_bytes"] == max(m["phases_reserved"].values())
     assert m["device_total_bytes"] == 5000  # the process's NVML usage
     assert m["device_level"].startswith("measured")
+    # CUDA's own view of the device (sees managed memory), and the allocator's retries
+    assert m["phases_cuda_used"] == {p: 5099 for p in ("forward", "backward", "optimizer")}
+    assert m["cuda_total_bytes"] == 10**9 and m["num_alloc_retries"] == 2
+    assert "snapshots" not in m
+
+
+def test_snapshot_stores_a_segment_summary_per_phase(monkeypatch):
+    from vramplan.measure import probes
+
+    fake_cuda(monkeypatch)
+    m = run_fake_cuda_steps(probes.nvml_baseline()[0], snapshot=True)["measured"]
+    snap = m["snapshots"]["backward"]
+    assert snap["segments"] == 2 and snap["reserved_bytes"] == 42 << 20
+    assert snap["by_segment"][0] == [40 << 20, 30 << 20, "large"]
 
 
 def test_without_nvml_the_record_and_check_say_device_level_not_measured(monkeypatch, capsys,

@@ -41,6 +41,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list the cases with their predicted device totals; run nothing")
     p.add_argument("--calibration", default="default")
+    p.add_argument("--snapshot", action="store_true",
+                   help="CUDA: store a summary of the caching allocator's segments after each "
+                        "measured phase (to compare with the allocator replay segment by segment)")
     p.set_defaults(func=run_measure)
 
     c = sub.add_parser("check", help="compare recorded measurements with fresh estimates",
@@ -93,7 +96,7 @@ def run_measure(args: argparse.Namespace) -> int:
 
     only = args.only.split(",") if args.only else None
     records = run_matrix(args.matrix, args.device, args.out, resume=args.resume, only=only,
-                         timeout=args.timeout, progress=sys.stderr)
+                         timeout=args.timeout, progress=sys.stderr, snapshot=args.snapshot)
     failed = [r for r in records if r.get("outcome") == "error"]
     print(f"{len(records)} case(s) recorded in {args.out}; {len(failed)} failed", file=sys.stderr)
     return 0

@@ -176,9 +176,12 @@ class CudaProbe:
 
     device = "cuda"
 
-    def __init__(self, baseline: int) -> None:
+    def __init__(self, baseline: int, snapshot: bool = False) -> None:
         """Set up empty counters (nothing is measured before ``begin``)."""
         self.baseline = baseline
+        self.snapshot = snapshot
+        self.snapshots: dict[str, dict[str, Any]] = {}
+        self.cuda_used: dict[str, int] = {}  # per phase: mem_get_info's used bytes at its end
         self.resident_bytes = 0
         self.sampler: NvmlSampler | None = None
         self.phase: str | None = None
@@ -229,6 +232,11 @@ class CudaProbe:
         if self.sampler is not None:
             time.sleep(2 * self.sampler.interval)  # let the sampler see the phase's last state
             self.device_peak[p] = max(self.device_peak.get(p, 0), self.sampler.peak)
+        free, total = torch.cuda.mem_get_info()  # counts managed (paged) memory resident on it
+        self.cuda_used[p] = max(self.cuda_used.get(p, 0), int(total) - int(free))
+        self.cuda_total = int(total)
+        if self.snapshot:
+            self.snapshots[p] = segment_summary(torch.cuda.memory._snapshot())
 
     def stop(self) -> None:
         """Stop the sampler."""
@@ -244,7 +252,23 @@ class CudaProbe:
                 "resident_bytes": self.resident_bytes, "baseline_bytes": self.baseline,
                 "phases": dict(self.alloc),
                 "phases_reserved": dict(self.reserved),
-                "phases_device": dict(self.device_peak)}
+                "phases_device": dict(self.device_peak),
+                # torch.cuda.mem_get_info() at each phase's end: the device's used memory as CUDA
+                # sees it (managed memory included; other processes too), and its total
+                "phases_cuda_used": dict(self.cuda_used),
+                "cuda_total_bytes": getattr(self, "cuda_total", None),
+                "num_alloc_retries": int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
+                **({"snapshots": dict(self.snapshots)} if self.snapshot else {})}
+
+
+def segment_summary(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A small, comparable summary of ``torch.cuda.memory._snapshot()``: every segment's size,
+    allocated bytes and pool, largest first (the raw snapshot, with stack traces, is not kept)."""
+    segs = sorted(([int(s["total_size"]), int(s["allocated_size"]),
+                    "small" if s.get("segment_type") == "small" else "large"]
+                   for s in snapshot.get("segments", [])), reverse=True)
+    return {"segments": len(segs), "reserved_bytes": sum(s[0] for s in segs),
+            "allocated_bytes": sum(s[1] for s in segs), "by_segment": segs}
 
 
 def cuda_env(extra: dict[str, Any]) -> dict[str, Any]:

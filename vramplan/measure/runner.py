@@ -30,12 +30,14 @@ TAIL_CHARS = 2000
 def run_matrix(matrix_path: str | Path, device: str, out_path: str | Path, resume: bool = False,
                only: list[str] | str | None = None, timeout: float = DEFAULT_TIMEOUT,
                progress: TextIO | None = sys.stderr,
-               workdir: str | Path | None = None) -> list[dict[str, Any]]:
+               workdir: str | Path | None = None,
+               snapshot: bool = False) -> list[dict[str, Any]]:
     """Measure every (selected) case of a matrix on ``device``; returns the new records.
 
     ``only``: case ids or fnmatch globs (list or comma string). ``timeout``: seconds per case.
     ``workdir``: where random-weight checkpoints are cached between cases (a temporary folder,
-    removed at the end, unless given).
+    removed at the end, unless given). ``snapshot``: CUDA only, store a summary of the caching
+    allocator's segments (``torch.cuda.memory._snapshot()``) after every measured phase.
     """
     matrix = load_matrix(matrix_path)
     out_path = Path(out_path).resolve()
@@ -47,7 +49,8 @@ def run_matrix(matrix_path: str | Path, device: str, out_path: str | Path, resum
               file=progress)
     own_workdir = workdir is None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="vramplan-measure-"))
-    context = {"matrix": matrix.name, "command": shlex.join(sys.argv), "git_commit": git_commit()}
+    context = {"matrix": matrix.name, "command": shlex.join(sys.argv), "git_commit": git_commit(),
+               "snapshot": snapshot}
     records: list[dict[str, Any]] = []
     t_start = time.monotonic()
     try:
@@ -82,7 +85,16 @@ def _mmss(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
-def worker_env(device: str) -> dict[str, str]:
+def alloc_conf(setup: dict[str, Any], current: str | None) -> str | None:
+    """PYTORCH_CUDA_ALLOC_CONF for a case: expandable segments on when its setup asks for them
+    (other settings the user exported are kept)."""
+    if not setup.get("expandable_segments"):
+        return current
+    parts = [p for p in (current or "").split(",") if p and not p.startswith("expandable_segments")]
+    return ",".join(parts + ["expandable_segments:True"])
+
+
+def worker_env(device: str, setup: dict[str, Any] | None = None) -> dict[str, str]:
     """The child's environment: offline hub, one CPU thread on CPU (see below), repo importable.
 
     On small virtual machines OpenMP's thread synchronisation can make every op tens of times
@@ -97,6 +109,9 @@ def worker_env(device: str) -> dict[str, str]:
     if device == "cpu":
         threads = env.get("VRAMPLAN_CPU_THREADS", "1")
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, VRAMPLAN_CPU_THREADS=threads)
+    conf = alloc_conf(setup or {}, env.get("PYTORCH_CUDA_ALLOC_CONF"))
+    if conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = conf
     return env
 
 
@@ -111,7 +126,7 @@ def run_case_subprocess(case: Case, device: str, workdir: Path, timeout: float,
             "--device", device, "--out", str(out_json), "--workdir", str(workdir)]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    code, stdout, stderr, timed_out = _run(argv, timeout, worker_env(device))
+    code, stdout, stderr, timed_out = _run(argv, timeout, worker_env(device, payload["setup"]))
     wall = round(time.perf_counter() - t0, 3)
     try:
         record = _read_record(out_json, stdout)

@@ -90,7 +90,10 @@ def measure(case: dict[str, Any], device: str, workdir: Path, record: dict[str, 
     t0 = time.perf_counter()
     model = build(case, cfg, train, device, workdir)
     record["timing"]["build_s"] = round(time.perf_counter() - t0, 3)
-    probe = CudaProbe(baseline) if device == "cuda" else CpuProbe()
+    probe = CudaProbe(baseline, snapshot=bool(case.get("snapshot"))) if device == "cuda" \
+        else CpuProbe()
+    if device == "cuda":
+        record["env"]["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     result = run_steps(model, train, "cuda:0" if device == "cuda" else device,
                        case["warmup_steps"], case["measured_steps"], probe)
     record.update(outcome="ok", measured=result["measured"], losses=result["losses"],

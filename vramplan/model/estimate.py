@@ -78,12 +78,16 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
                     lv.device_total_bytes, lv.paged_bytes, rp)
 
 
-@lru_cache(maxsize=1024)
 def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
     """The allocator replay of one setup, memoised: sharding options do not change it (the
     replay is of one unsharded rank; see :func:`vramplan.sharding.shard_estimate`)."""
     if t.shard != "none" or t.num_gpus != 1:
-        return step_replay(m, replace(t, shard="none", num_gpus=1), device, workspace)
+        t = replace(t, shard="none", num_gpus=1)
+    return cached_replay(m, t, device, workspace)
+
+
+@lru_cache(maxsize=1024)
+def cached_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
     d = dtypes_for(t, device)
     return replay(m, t, d, layer_ledger(LayerCtx(m, t, d)), device, t.expandable_segments,
                   workspace)
