@@ -194,8 +194,13 @@ def run_docs(args: argparse.Namespace) -> int:
     from vramplan.profiles import load_calibration, load_gpus
     from vramplan.report.docs import write_docs
 
+    from vramplan.measure.records import read_records
+
     calib = load_calibration(args.calibration)
-    paths = write_docs(Path(args.out), list(load_gpus().values()), calib)
+    results = sorted((Path(args.readme).resolve().parent if args.readme else Path.cwd())
+                     .glob("validation/results/*.jsonl"))
+    records = [r for path in results for r in read_records(path)]
+    paths = write_docs(Path(args.out), list(load_gpus().values()), calib, records=records)
     if args.readme:
         from vramplan.report.evidence import readme_block, replace_block
 
