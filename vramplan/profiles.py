@@ -40,9 +40,14 @@ _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_
 
 
 def profiles_dir() -> Path:
-    """The profiles folder: $VRAMPLAN_PROFILES, else ``profiles/`` beside the package."""
+    """The profiles folder: $VRAMPLAN_PROFILES, else ``profiles/`` of a source checkout, else the
+    copy an installed wheel carries as ``vramplan/_profiles``."""
     env = os.environ.get("VRAMPLAN_PROFILES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "profiles"
+    return checkout if (checkout / "gpus.toml").is_file() else here / "_profiles"
 
 
 def list_models() -> list[str]:
