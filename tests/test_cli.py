@@ -116,3 +116,41 @@ def test_model_package_imports_with_torch_and_pandas_blocked():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['pandas'] = None; "
             "sys.modules['matplotlib'] = None; import vramplan.model.estimate, vramplan.cli")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "validation/results/cpu-ci.jsonl", "--tolerance", "5"],
+    ["check", "validation/results/cpu-ci.jsonl", "--tolerance", "-1"],
+    ["check", "validation/results/cpu-ci.jsonl", "--by", "colour"],
+    ["measure", "validation/matrices/cpu-smoke.toml", "--device", "cpu", "--out", "x.jsonl",
+     "--timeout", "-1"],
+    ["measure", "validation/matrices/cpu-smoke.toml", "--device", "cpu", "--out", "x.jsonl",
+     "--only", "no-such-case"],
+    ["calibrate", "validation/results/h200.jsonl", "--out", "x.toml", "--fit", "allocator_slack"],
+    ["fit", "llama-2-7b", "--margin", "lots"],
+    ["gpus", "--bogus"],
+], ids=["tolerance-percent", "tolerance-negative", "by-unknown", "timeout-negative", "only-none",
+        "calibrate-retired-slack", "margin-nonsense", "gpus-unknown-flag"])
+def test_evidence_commands_refuse_bad_input_with_one_line_and_exit_2(root, argv, capsys,
+                                                                      monkeypatch):
+    monkeypatch.chdir(root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ["", "garbage\n", "[table]\nkey = 1\n"],
+                         ids=["empty", "garbage", "toml"])
+def test_check_fails_when_nothing_is_comparable(tmp_path, content, capsys):
+    path = tmp_path / "results.jsonl"
+    path.write_text(content)
+    assert main(["check", str(path)]) == 1
+    assert "no comparable record" in capsys.readouterr().err
+
+
+def test_version_and_gpu_list(capsys):
+    assert main(["--version"]) == 0
+    assert "vramplan 0.1.0" in capsys.readouterr().out
+    assert main(["gpus"]) == 0
+    out = capsys.readouterr().out
+    assert "h200" in out and "139.80" in out and "usable GiB" in out

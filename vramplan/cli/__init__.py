@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which GPU do I need to fine-tune this model? Analytic peak-memory estimates "
                     "for full fine-tuning, LoRA and QLoRA, checked against measured runs.",
         epilog="examples:\n  vramplan estimate llama-2-70b --method qlora\n"
-               "  vramplan fit llama-3.1-8b --method lora --seq-len 4096\n  vramplan profiles",
+               "  vramplan fit llama-3.1-8b --method lora --seq-len 4096\n  vramplan profiles\n"
+               "  vramplan gpus",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    from vramplan import __version__
+
+    parser.add_argument("--version", action="version", version=f"vramplan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for module in (estimate_cmd, plan_cmd, measure_cmd):
         module.add_parsers(sub)

@@ -33,6 +33,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=run_profiles)
 
+    g = sub.add_parser("gpus", help="list the GPU catalog: slugs for --gpu/--gpus, usable memory",
+                       description="The GPU catalog (profiles/gpus.toml). 'usable' is what CUDA "
+                                   "lets one process allocate, which verdicts are held against; "
+                                   "'total' is nvidia-smi's.", formatter_class=Formatter)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=run_gpus)
+
 
 def run_estimate(args: argparse.Namespace) -> int:
     from vramplan.model.estimate import estimate
@@ -67,4 +74,24 @@ def run_profiles(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']:<18} {r['model_type']:<8} {r['params']:>17,} {r['layers']:>6} "
               f"{r['hidden_size']:>6} {r['vocab_size']:>7}")
+    return 0
+
+
+def run_gpus(args: argparse.Namespace) -> int:
+    from vramplan.profiles import load_gpus
+
+    rows = [{"key": g.key, "name": g.name, "memory_bytes": g.memory_bytes,
+             "capacity_bytes": g.capacity_bytes, "bf16_tflops": g.bf16_tflops,
+             "price_usd_per_hour": g.price_usd_per_hour,
+             "capacity_source": g.cuda_capacity_source} for g in load_gpus().values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'slug':<18} {'name':<32} {'total GiB':>9} {'usable GiB':>10} {'bf16 TFLOPS':>11} "
+          f"{'$/h':>6}")
+    for r in rows:
+        tflops = "-" if r["bf16_tflops"] is None else f"{r['bf16_tflops']:.0f}"
+        price = "-" if r["price_usd_per_hour"] is None else f"{r['price_usd_per_hour']:.2f}"
+        print(f"{r['key']:<18} {r['name'][:32]:<32} {r['memory_bytes'] / 2**30:>9.2f} "
+              f"{r['capacity_bytes'] / 2**30:>10.2f} {tflops:>11} {price:>6}")
     return 0

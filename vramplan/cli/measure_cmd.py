@@ -37,7 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="results JSONL (appended to; required unless --dry-run)")
     p.add_argument("--resume", action="store_true", help="skip cases already in --out")
     p.add_argument("--only", help="comma list of case ids or globs to run")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per case")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cases with their predicted device totals; run nothing")
     p.add_argument("--calibration", default="default")
@@ -49,7 +49,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("check", help="compare recorded measurements with fresh estimates",
                        epilog=CHECK_EXAMPLES, formatter_class=Formatter)
     c.add_argument("results", metavar="RESULTS.jsonl", nargs="+")
-    c.add_argument("--tolerance", type=float, default=0.05, help="relative error allowed")
+    c.add_argument("--tolerance", type=fraction, default=0.05,
+                   help="relative error allowed, a fraction in (0, 1): 0.05 = 5%%")
     c.add_argument("--calibration", default="default")
     c.add_argument("--json", action="store_true")
     c.add_argument("--by", default="",
@@ -64,6 +65,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--fit", default="non_allocator", help="constants to fit (comma list)")
     k.add_argument("--base", default="default", help="calibration to start from")
     k.set_defaults(func=run_calibrate)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a fraction strictly between 0 and 1 (5% is 0.05, not 5)."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1); 5% is 0.05")
+    return value
 
 
 def _read(paths: list[str]) -> list[dict]:
@@ -95,11 +115,17 @@ def run_measure(args: argparse.Namespace) -> int:
     from vramplan.measure.runner import run_matrix
 
     only = args.only.split(",") if args.only else None
+    if only:
+        from vramplan.measure.matrix import select
+
+        if not select(matrix.cases, only):
+            raise UserError(f"--only {args.only}: no case of {args.matrix} matches")
     records = run_matrix(args.matrix, args.device, args.out, resume=args.resume, only=only,
                          timeout=args.timeout, progress=sys.stderr, snapshot=args.snapshot)
     failed = [r for r in records if r.get("outcome") == "error"]
-    print(f"{len(records)} case(s) recorded in {args.out}; {len(failed)} failed", file=sys.stderr)
-    return 0
+    print(f"{len(records)} case(s) recorded in {args.out}; {len(failed)} failed"
+          + (": " + ", ".join(r["case_id"] for r in failed) if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _dry_run(matrix, args: argparse.Namespace) -> int:
@@ -161,6 +187,10 @@ def run_check(args: argparse.Namespace) -> int:
         print(evidence.summary_text(evidence.summary(evidence.frame(rows), by)))
     bad = [c for c in rows if not c.ok]
     print(f"{len(rows) - len(bad)}/{len(rows)} cases within {args.tolerance:.0%}", file=sys.stderr)
+    if not any(c.errors or c.outcome == "oom" for c in rows):
+        print("vramplan check: no comparable record (nothing measured to compare)",
+              file=sys.stderr)
+        return 1
     return 1 if bad else 0
 
 

@@ -152,6 +152,46 @@ class CachingAllocator:
         if self.allocated + used > self.peak_allocated:
             self.peak_allocated = self.allocated + used
 
+    def transient_group(self, sizes: tuple[int, ...], tag: object = "") -> None:
+        """Allocate ``sizes`` one after the other, then free them all: exactly that sequence of
+        :meth:`malloc` and :meth:`free`, replayed on an overlay of the free lists (blocks taken,
+        remainders left) since freeing them all restores every free run; new segments stay."""
+        taken: set[tuple[int, int]] = set()
+        left: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+        used_total = 0
+        for nbytes in sizes:
+            n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+            small = n <= K_SMALL_SIZE
+            keys, extra = self.pools[small].keys, left[small]
+            i = bisect_left(keys, (n, -1))
+            while i < len(keys) and keys[i] in taken:
+                i += 1
+            j = bisect_left(extra, (n, -1))
+            pick = min((k for k in (keys[i] if i < len(keys) else None,
+                                    extra[j] if j < len(extra) else None) if k is not None),
+                       default=None)
+            if pick is None:
+                b = self._grow(n, small, tag)  # a whole free segment (or the grown free tail)
+                self.pools[small].add(b)
+                pick = (b.size, b.addr)
+                keys = self.pools[small].keys
+            if j < len(extra) and extra[j] == pick:
+                del extra[j]
+            else:
+                taken.add(pick)
+            size, addr = pick
+            rest = size - n
+            if (rest >= K_MIN_BLOCK) if small else (rest > K_SMALL_SIZE):
+                insort(extra, (rest, addr + n))
+                used = n
+            else:
+                used = size
+            if used > self.largest:
+                self.largest = used
+            used_total += used
+            if self.allocated + used_total > self.peak_allocated:
+                self.peak_allocated = self.allocated + used_total
+
     def free(self, b: Block) -> None:
         """Return a block to its pool, merging with free neighbours of the same segment."""
         b.allocated = False

@@ -301,9 +301,7 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
                 if pieces[0]:
                     transient(pieces[0], "in_flight")
             else:
-                blocks = [malloc(x, "in_flight") for x in pieces if x]
-                for b in blocks:
-                    free(b)
+                r.alloc.transient_group(pieces, "in_flight")
         elif kind == "dequant":
             transient(op[1], "dequant")
         else:  # cast
