@@ -131,3 +131,41 @@ def test_terms_non_negative_unique_and_levels_ordered(calib, name):
     assert all(t.nbytes >= 0 for t in e.breakdown.terms)
     assert e.peak_allocated_bytes <= e.peak_reserved_bytes <= e.device_total_bytes
     assert e.peak_allocated_bytes == max(e.phase_bytes.values())
+
+
+def test_foreach_adamw_adds_a_state_sized_temporary_at_the_step(calib):
+    """torch AdamW foreach (adamw_torch) makes one state-sized copy (_foreach_sqrt) of every
+    tensor at the step; fused makes none. Full fine-tuning of llama-2-7b peaks at the step."""
+    m = load_model("llama-2-7b")
+    fused = estimate(m, TrainSpec(method="full"), calib)
+    foreach = estimate(m, TrainSpec(method="full", optimizer="adamw_torch"), calib)
+    temp = foreach.breakdown.term("optimizer.step_temporaries")
+    assert temp is not None and temp.nbytes == total_params(m) * 4  # fp32 states under mixed
+    assert foreach.peak_phase == "optimizer_step"
+    # fused also keeps a 4-byte step tensor per parameter on the device; foreach keeps it on the host
+    from vramplan.model.params import param_tensors
+
+    steps = 4 * sum(x.count for x in param_tensors(m))
+    assert foreach.peak_allocated_bytes - fused.peak_allocated_bytes == temp.nbytes - steps
+    assert fused.breakdown.term("optimizer.step_temporaries") is None
+
+
+def test_bf16_foreach_full_finetune_peaks_at_ten_bytes_per_parameter(calib):
+    # fms-acceleration's Mistral-7B measurements: 5 x P x 2 bytes at batch 4 and 8 alike
+    m = load_model("mistral-7b-v0.3")
+    for batch in (4, 8):
+        e = estimate(m, TrainSpec(method="full", precision="bf16", optimizer="adamw_torch",
+                                  batch=batch, seq_len=512), calib)
+        assert e.peak_phase == "optimizer_step"
+        assert e.peak_allocated_bytes == pytest.approx(10 * total_params(m), rel=0.01)
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_keeps_every_gradient_through_the_micro_steps(calib, accum):
+    m = load_model("llama-2-7b")
+    one = estimate(m, TrainSpec(method="full", seq_len=4096, grad_ckpt=False), calib)
+    more = estimate(m, TrainSpec(method="full", seq_len=4096, grad_ckpt=False,
+                                 grad_accum=accum), calib)
+    grads = total_params(m) * 4
+    assert more.phase_bytes["layer_forward"] == one.phase_bytes["layer_forward"] + grads
+    assert more.breakdown.term("gradients.accumulated").nbytes == grads

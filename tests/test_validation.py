@@ -96,3 +96,24 @@ def test_h200_records_are_the_harness_output_unchanged(root):
 
 
 H200_SHA256 = "ed61cdc59979122c3066b73cee8e43eb241e65ad67a6f5d178361f4fd77aeb51"
+
+
+def test_committed_optimizer_results_pass_check(root, capsys):
+    """validation/results/cpu-optim.jsonl: every HF Trainer optim name over full / LoRA / QLoRA,
+    gradient accumulation 1/2/4 and clipping on/off, within 5% and with a median under 1%."""
+    from statistics import median
+
+    from vramplan.compare import compare_record
+    from vramplan.measure.records import read_records
+    from vramplan.profiles import load_calibration
+    from vramplan.specs import OPTIMIZERS
+
+    path = root / "validation/results/cpu-optim.jsonl"
+    records = read_records(path)
+    assert {r["setup"]["optimizer"] for r in records} >= set(OPTIMIZERS)
+    assert {r["setup"]["grad_accum"] for r in records} >= {1, 2, 4}
+    assert {r["setup"]["max_grad_norm"] > 0 for r in records} == {True, False}
+    assert main(["check", str(path), "--tolerance", TOLERANCE]) == 0
+    calib = load_calibration("default")
+    errs = [abs(compare_record(r, calib).errors["peak_allocated_bytes"]) for r in records]
+    assert median(errs) <= 0.01

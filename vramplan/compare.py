@@ -41,9 +41,14 @@ class Comparison:
         return not self.problems
 
 
+#: Setup keys that records made before they existed lack, with what those harness runs did:
+#: no gradient accumulation and no clipping.
+LEGACY_SETUP = {"grad_accum": 1, "max_grad_norm": 0.0}
+
+
 def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any]) -> Estimate:
     """The estimate of a recorded case (its model ref, setup and device)."""
-    setup = {k: v for k, v in record["setup"].items() if k != "device"}
+    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
     return estimate(load_model(record["model"]), TrainSpec.from_dict(setup), calib,
                     record.get("device", "cuda"))
 

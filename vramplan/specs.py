@@ -10,7 +10,12 @@ from dataclasses import asdict, dataclass, fields
 
 METHODS = ("full", "lora", "qlora")
 QUANTS = ("nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+#: HF Trainer ``optim`` names (TrainingArguments), plus ``adamw_loop`` (torch AdamW with
+#: ``foreach=False``), and the older vramplan names kept as aliases.
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_loop", "adamw_bnb_8bit",
+              "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "lion_8bit", "paged_lion_8bit",
+              "sgd")
+OPTIMIZER_ALIASES = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit"}
 PRECISIONS = ("bf16", "fp16", "fp32", "mixed")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 SHARDS = ("none", "zero1", "zero2", "zero3", "fsdp")
@@ -103,6 +108,10 @@ class TrainSpec:
     num_gpus: int = 1
     #: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the allocator replay honours it)
     expandable_segments: bool = False
+    #: micro-steps per optimizer step (HF Trainer gradient_accumulation_steps)
+    grad_accum: int = 1
+    #: gradient clipping before the optimizer step (HF Trainer max_grad_norm; 0 = off)
+    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -111,7 +120,11 @@ class TrainSpec:
         _choice("attn", self.attn, ATTENTIONS)
         _choice("shard", self.shard, SHARDS)
         if self.optimizer:
-            _choice("optimizer", self.optimizer, OPTIMIZERS)
+            _choice("optimizer", self.optimizer, OPTIMIZERS + tuple(OPTIMIZER_ALIASES))
+        _require(isinstance(self.grad_accum, int) and self.grad_accum >= 1,
+                 f"--grad-accum must be an integer >= 1, got {self.grad_accum}")
+        _require(self.max_grad_norm >= 0,
+                 f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         _require(self.seq_len > 0, f"--seq-len must be a positive integer, got {self.seq_len}")
         _require(self.batch > 0, f"--batch must be a positive integer, got {self.batch}")
         _require(self.num_gpus > 0, f"--num-gpus must be a positive integer, got {self.num_gpus}")
@@ -126,10 +139,11 @@ class TrainSpec:
 
     @property
     def resolved_optimizer(self) -> str:
-        """The optimizer actually used: paged_adamw_32bit for QLoRA, adamw otherwise, unless set."""
+        """The optimizer actually used, by its HF Trainer name: paged_adamw_32bit for QLoRA (the
+        seed's recipe), adamw_torch_fused (HF Trainer 5.x's default) otherwise, unless set."""
         if self.optimizer:
-            return self.optimizer
-        return "paged_adamw_32bit" if self.method == "qlora" else "adamw"
+            return OPTIMIZER_ALIASES.get(self.optimizer, self.optimizer)
+        return "paged_adamw_32bit" if self.method == "qlora" else "adamw_torch_fused"
 
     def target_modules(self) -> tuple[str, ...] | None:
         """Explicit LoRA target names, or None for peft's "all-linear" (every linear but lm_head)."""

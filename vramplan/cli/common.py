@@ -6,8 +6,8 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from vramplan.specs import (ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, QUANTS, SHARDS, SpecError,
-                            TrainSpec)
+from vramplan.specs import (ATTENTIONS, METHODS, OPTIMIZER_ALIASES, OPTIMIZERS, PRECISIONS, QUANTS,
+                            SHARDS, SpecError, TrainSpec)
 
 UserError = SpecError  # every user-facing input error is a SpecError (exit 2, one line)
 DEFAULTS = TrainSpec()
@@ -32,8 +32,15 @@ def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> Non
     g.add_argument("--quant", choices=QUANTS, default=d.quant, help="QLoRA base-weight format")
     g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant,
                    help="quantise the 4-bit absmax constants again (QLoRA §3)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                   help="default: paged_adamw_32bit for qlora, adamw otherwise")
+    g.add_argument("--optimizer", choices=OPTIMIZERS + tuple(OPTIMIZER_ALIASES), default=None,
+                   metavar="NAME",
+                   help="an HF Trainer optim name: " + ", ".join(OPTIMIZERS) + " (adamw = "
+                        "adamw_torch_fused, adamw_8bit = adamw_bnb_8bit); default: "
+                        "paged_adamw_32bit for qlora, adamw_torch_fused otherwise")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-steps per optimizer step (gradient_accumulation_steps)")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="gradient clipping before the optimizer step (0 = off; HF Trainer: 1.0)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="mixed = bf16 autocast with fp32 trainable weights (HF Trainer bf16=True)")
     g.add_argument("--attn", choices=ATTENTIONS, default=d.attn)

@@ -21,15 +21,25 @@ LR = 1e-4
 
 
 def make_optimizer(params: list[torch.nn.Parameter], name: str) -> torch.optim.Optimizer:
-    """The optimizer a user gets for ``name`` (HF Trainer 5.x defaults; adamw = adamw_torch_fused)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=LR, fused=True)
+    """The optimizer HF Trainer 5.x builds for ``optim=name`` (``Trainer.get_optimizer_cls_and_
+    kwargs``): torch AdamW fused / foreach (asked for explicitly: on CPU foreach is not the
+    default) / for-loop, bitsandbytes AdamW and Lion (8-bit, paged), HF Adafactor without
+    relative step, SGD without momentum. ``weight_decay`` 0 as in TrainingArguments."""
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+    if name in ("adamw_torch", "adamw_loop"):
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=name == "adamw_torch")
     if name == "sgd":
         return torch.optim.SGD(params, lr=LR)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=LR, scale_parameter=False, relative_step=False)
     import bitsandbytes as bnb
 
-    classes = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    classes = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "lion_8bit": bnb.optim.Lion8bit,
+               "paged_lion_8bit": bnb.optim.PagedLion8bit}
     return classes[name](params, lr=LR)
 
 
@@ -78,20 +88,27 @@ def random_batch(vocab: int, train: TrainSpec, device: str) -> torch.Tensor:
 
 def one_step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, train: TrainSpec,
              device: str, probe: Any) -> float:
-    """One optimizer step with probe phases; returns the loss value."""
-    probe.start_phase("forward")
-    with forward_context(train, device):
-        loss = model(input_ids=ids, labels=ids).loss
-    probe.end_phase()
-    probe.start_phase("backward")
-    loss.backward()
-    probe.end_phase()
+    """One optimizer step as HF Trainer runs it, with probe phases: ``grad_accum`` micro-steps
+    (forward, ``(loss / grad_accum).backward()``), ``clip_grad_norm_`` when max_grad_norm > 0,
+    ``optimizer.step()``, ``zero_grad(set_to_none=True)``. Returns the last micro-step's loss."""
+    value = 0.0
+    for _ in range(train.grad_accum):
+        probe.start_phase("forward")
+        with forward_context(train, device):
+            loss = model(input_ids=ids, labels=ids).loss
+        probe.end_phase()
+        probe.start_phase("backward")
+        (loss / train.grad_accum).backward()
+        probe.end_phase()
+        value = float(loss.detach())
+        del loss
     probe.start_phase("optimizer")
+    if train.max_grad_norm > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     probe.end_phase()
-    value = float(loss.detach())
-    del loss
     return value
 
 

@@ -67,7 +67,8 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
     rp = step_replay(m, t, device, int(calib["cublas_workspace"]["bytes"]) // 2) \
         if device == "cuda" and allocator else None
     terms = (*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
-             *optim.gradient_terms(m, t, d), *optim.optimizer_terms(m, t, d, device),
+             *optim.gradient_terms(m, t, d), *optim.accumulation_terms(m, t, d),
+             *optim.optimizer_terms(m, t, d, device),
              *activations.activation_terms(m, t, d, led), *overhead.workspace_term(calib, device),
              *overhead.allocator_cache_term(rp), *overhead.non_allocator_term(calib, device))
     lv = levels(terms)
@@ -160,8 +161,16 @@ def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str)
                      "not LoRA targets")
     if t.attn != "eager":
         notes.append(f"{t.attn}: no s x s score matrix is saved (logsumexp only)")
-    if t.resolved_optimizer == "adamw":
-        notes.append("adamw = torch AdamW fused (HF Trainer default adamw_torch_fused): no step temporaries")
+    opt = t.resolved_optimizer
+    if opt == "adamw_torch_fused":
+        notes.append("adamw_torch_fused = torch AdamW(fused=True), HF Trainer 5.x's default: no "
+                     "step temporaries (adamw_torch, the foreach one, adds a state-sized copy)")
+    if t.grad_accum > 1:
+        notes.append(f"gradient accumulation over {t.grad_accum} micro-steps: every gradient stays "
+                     "alive through the later micro-steps' forward and backward")
+    if t.max_grad_norm > 0:
+        notes.append(f"gradient clipping at {t.max_grad_norm:g} (HF Trainer default 1.0): "
+                     "per-gradient norm scalars only")
     if t.shard != "none":
         notes.append(f"sharding {t.shard} over {t.num_gpus} GPUs is applied by the planner")
     return tuple(notes)

@@ -34,10 +34,20 @@ class Tensor:
     numel: int
     count: int
     kind: str  # "linear" | "bias" | "embed" | "lm_head" | "norm" | "router" | "expert" | "lora"
+    shape: tuple[int, ...] = ()  # one copy's shape (torch order: out, in); () = (numel,)
 
     @property
     def params(self) -> int:
         return self.numel * self.count
+
+    @property
+    def factored(self) -> tuple[int, int] | None:
+        """(row, column) sizes of Adafactor's factored second moment for a tensor of 2+ dims
+        (``shape[:-1]`` and ``shape[:-2] + shape[-1:]`` elements), None for a vector."""
+        if len(self.shape) < 2:
+            return None
+        rows = self.numel // self.shape[-1]
+        return rows, self.numel // self.shape[-2]
 
 
 def layer_linears(m: ModelSpec) -> tuple[Linear, ...]:
@@ -65,22 +75,23 @@ def param_tensors(m: ModelSpec) -> tuple[Tensor, ...]:
     down_proj [E, h, I] as nn.Parameter, and the router is a [E, h] weight.
     """
     L, h, V = m.num_hidden_layers, m.hidden_size, m.vocab_size
-    out = [Tensor("embed_tokens", V * h, 1, "embed")]
+    out = [Tensor("embed_tokens", V * h, 1, "embed", (V, h))]
     if not m.tie_word_embeddings:
-        out.append(Tensor("lm_head", V * h, 1, "lm_head"))
+        out.append(Tensor("lm_head", V * h, 1, "lm_head", (V, h)))
     for lin in layer_linears(m):
-        out.append(Tensor(lin.name, lin.weight_params, L, "linear"))
+        out.append(Tensor(lin.name, lin.weight_params, L, "linear",
+                          (lin.out_features, lin.in_features)))
         if lin.bias:
-            out.append(Tensor(lin.name + ".bias", lin.out_features, L, "bias"))
-    out.append(Tensor("layer_norms", h, m.norms_per_layer * L, "norm"))
-    out.append(Tensor("final_norm", h, 1, "norm"))
+            out.append(Tensor(lin.name + ".bias", lin.out_features, L, "bias", (lin.out_features,)))
+    out.append(Tensor("layer_norms", h, m.norms_per_layer * L, "norm", (h,)))
+    out.append(Tensor("final_norm", h, 1, "norm", (h,)))
     if m.qk_norm:
-        out.append(Tensor("qk_norms", m.head_dim, 2 * L, "norm"))
+        out.append(Tensor("qk_norms", m.head_dim, 2 * L, "norm", (m.head_dim,)))
     if m.is_moe:
         e, i = m.num_local_experts, m.intermediate_size
-        out.append(Tensor("router", e * h, L, "router"))
-        out.append(Tensor("experts.gate_up_proj", e * 2 * i * h, L, "expert"))
-        out.append(Tensor("experts.down_proj", e * h * i, L, "expert"))
+        out.append(Tensor("router", e * h, L, "router", (e, h)))
+        out.append(Tensor("experts.gate_up_proj", e * 2 * i * h, L, "expert", (e, 2 * i, h)))
+        out.append(Tensor("experts.down_proj", e * h * i, L, "expert", (e, h, i)))
     return tuple(out)
 
 
@@ -109,8 +120,10 @@ def lora_tensors(m: ModelSpec, train: TrainSpec) -> tuple[Tensor, ...]:
     r, L = train.lora_r, m.num_hidden_layers
     out: list[Tensor] = []
     for lin in lora_linears(m, train):
-        out.append(Tensor(lin.name + ".lora_A", r * lin.in_features, L, "lora"))
-        out.append(Tensor(lin.name + ".lora_B", r * lin.out_features, L, "lora"))
+        out.append(Tensor(lin.name + ".lora_A", r * lin.in_features, L, "lora",
+                          (r, lin.in_features)))
+        out.append(Tensor(lin.name + ".lora_B", r * lin.out_features, L, "lora",
+                          (lin.out_features, r)))
     if m.is_moe and train.target_modules() is None:
         out.extend(moe_lora_tensors(m, r))
     return tuple(out)
@@ -123,12 +136,12 @@ def moe_lora_tensors(m: ModelSpec, r: int) -> tuple[Tensor, ...]:
     Shapes read from peft ``tuners/lora/layer.py::ParamWrapper`` on a meta Mixtral."""
     h, i, e, L = m.hidden_size, m.intermediate_size, m.num_local_experts, m.num_hidden_layers
     return (
-        Tensor("router.lora_A", r * h, L, "lora"),
-        Tensor("router.lora_B", r * e, L, "lora"),
-        Tensor("experts.gate_up_proj.lora_A", 2 * r * e * h, L, "lora"),
-        Tensor("experts.gate_up_proj.lora_B", 2 * r * e * 2 * i, L, "lora"),
-        Tensor("experts.down_proj.lora_A", r * e * i, L, "lora"),
-        Tensor("experts.down_proj.lora_B", r * e * h, L, "lora"),
+        Tensor("router.lora_A", r * h, L, "lora", (r, h)),
+        Tensor("router.lora_B", r * e, L, "lora", (e, r)),
+        Tensor("experts.gate_up_proj.lora_A", 2 * r * e * h, L, "lora", (2 * r * e, h)),
+        Tensor("experts.gate_up_proj.lora_B", 2 * r * e * 2 * i, L, "lora", (2 * i, 2 * r * e)),
+        Tensor("experts.down_proj.lora_A", r * e * i, L, "lora", (r * e, i)),
+        Tensor("experts.down_proj.lora_B", r * e * h, L, "lora", (h, r * e)),
     )
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from vramplan.model.allocator import Block, CachingAllocator
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, Ledger
-from vramplan.model.optim import BNB_8BIT_BLOCKSIZE, BNB_MIN_8BIT_SIZE, BNB_PAGED_MIN_NUMEL
+from vramplan.model.optim import state_pieces
 from vramplan.model.params import Tensor, layer_linears, lora_tensors, param_tensors
 from vramplan.model.weights import BNB_4BIT_BLOCKSIZE, BNB_DQ_BLOCKSIZE, int8_bytes, quantized
 from vramplan.specs import ModelSpec, TrainSpec
@@ -86,6 +86,14 @@ class Run:
     def phase(self, value: str) -> None:
         self.alloc.phase = value
 
+    def grad(self, key: object, nbytes: int) -> None:
+        """AccumulateGrad: a new gradient, or, when one exists (gradient accumulation), a
+        temporary added into it in place."""
+        if key in self.live:
+            self.alloc.transient(nbytes, key)
+        else:
+            self.new(key, nbytes, "grad")
+
     def drop_group(self, group: str) -> None:
         self.drop(*self.groups.pop(group, ()))
 
@@ -114,7 +122,7 @@ def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> L
     per = []
     for x in param_tensors(m):
         if x.count % L == 0 and x.kind in ("linear", "bias", "norm", "router", "expert"):
-            per += [Tensor(x.name, x.numel, 1, x.kind)] * (x.count // L)
+            per += [Tensor(x.name, x.numel, 1, x.kind, x.shape)] * (x.count // L)
     lins = {lin.name: lin for lin in layer_linears(m)}
     adapted = frozenset(x.name.rsplit(".", 1)[0] for x in lora_tensors(m, t)
                         if x.name.rsplit(".", 1)[0] in lins)
@@ -188,18 +196,18 @@ def build(r: Run, lay: Layout) -> None:
                 r.drop("lora." + key + ".tmp")
 
 
-def trainable_order(lay: Layout) -> list[tuple[str, int]]:
-    """(name, numel) of every trainable tensor in parameter order (the optimizer's order)."""
+def trainable_order(lay: Layout) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of every trainable tensor in parameter order (the optimizer's order)."""
     m, t = lay.m, lay.t
     L = m.num_hidden_layers
     if t.method != "full":
         lt = lora_tensors(m, t)
-        return [(f"{i}.{x.name}", x.numel) for i in range(L) for x in lt if x.count == L]
+        return [(f"{i}.{x.name}", x) for i in range(L) for x in lt if x.count == L]
     tensors = param_tensors(m)
-    out = [("embed", next(x for x in tensors if x.kind == "embed").numel)]
-    out += [(f"{i}.{j}", x.numel) for i in range(L) for j, x in enumerate(lay.layer_params)]
-    out.append(("final_norm", m.hidden_size))
-    out += [("lm_head", x.numel) for x in tensors if x.kind == "lm_head"]
+    out = [("embed", next(x for x in tensors if x.kind == "embed"))]
+    out += [(f"{i}.{j}", x) for i in range(L) for j, x in enumerate(lay.layer_params)]
+    out += [("final_norm", x) for x in tensors if x.name == "final_norm"]
+    out += [("lm_head", x) for x in tensors if x.kind == "lm_head"]
     return out
 
 
@@ -286,7 +294,7 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
     keep_casts = recompute or not lay.t.grad_ckpt
     group = f"a.{i}"
     r.new(("merged", i), merged_experts_bytes(lay), None if keep_casts else group)
-    live, malloc, transient, free = r.live, r.alloc.malloc, r.alloc.transient, r.alloc.free
+    live, malloc, transient = r.live, r.alloc.malloc, r.alloc.transient
     members = r.groups.setdefault(group, [])
     cache = r.groups.setdefault("cache", [])
     for op in lay.program.forward:
@@ -339,15 +347,18 @@ def backward_layer(r: Run, lay: Layout, i: int) -> None:
             transient(dq, "dequant")
         for name, nbytes in weights:
             key = ("grad", i, name)
-            live[key] = malloc(nbytes, key)
-            grads.append(key)
+            if key in live:  # gradient accumulation: added into the existing grad
+                transient(nbytes, key)
+            else:
+                live[key] = malloc(nbytes, key)
+                grads.append(key)
             b = live.pop(("cast", i, name), None)
             if b is not None:
                 free(b)
         if first:
             r.new(("g.mlp", i), max(0, 2 * width * e - lay.led.down_input_bytes) * n)
     for name, numel in other_grads(lay):
-        r.new(("grad", i, name), numel * d.trainable, "grad")
+        r.grad(("grad", i, name), numel * d.trainable)
     r.drop(("g.mlp", i), ("g.prod", i), ("merged", i))
     r.new(("g.x", i), m.hidden_size * d.residual * n)
     r.drop(("g.x", i + 1), ("g.res", i), ("x", i + 1))
@@ -390,33 +401,14 @@ def loss_backward(r: Run, lay: Layout) -> None:
         r.drop("g.lsm")
     if t.method == "full":
         head = "embed" if m.tie_word_embeddings else "lm_head"
-        r.new(f"grad.{head}", m.vocab_size * m.hidden_size * d.trainable, "grad")
-        r.new("grad.final_norm", m.hidden_size * d.trainable, "grad")
+        r.grad(f"grad.{head}", m.vocab_size * m.hidden_size * d.trainable)
+        r.grad("grad.final_norm", m.hidden_size * d.trainable)
     r.new(("g.x", m.num_hidden_layers), m.hidden_size * d.residual * n)
     r.drop("g.logits", "g.lsm", "lm_head_cast", "final_norm", "softcap")
 
 
-def state_pieces(numel: int, opt: str, e: int) -> list[int]:
-    """Allocator blocks of one tensor's optimizer state, in allocation order (paged states of
-    tensors ≥ 1e5 elements live in managed memory and are not listed)."""
-    if opt == "sgd":
-        return []
-    if opt == "adamw":
-        return [numel * e, numel * e, FP32]  # exp_avg, exp_avg_sq, step (fused: on the device)
-    if opt.startswith("paged") and numel >= BNB_PAGED_MIN_NUMEL:
-        if opt.endswith("8bit") and numel >= BNB_MIN_8BIT_SIZE:
-            return [FP32 * ceil_div(numel, BNB_8BIT_BLOCKSIZE)] * 2
-        return []
-    if opt.endswith("8bit") and numel >= BNB_MIN_8BIT_SIZE:
-        absmax = FP32 * ceil_div(numel, BNB_8BIT_BLOCKSIZE)
-        return [numel, numel, absmax, absmax]
-    return [numel * FP32, numel * FP32]
-
-
-def step(r: Run, lay: Layout, first: bool, workspace: int = 0) -> None:
-    """One optimizer step: forward, loss, backward, optimizer step, zero_grad. The first step
-    also creates the cuBLAS workspaces (``workspace`` bytes per handle; the autograd thread has
-    its own handle: ``CublasHandlePool.cpp``)."""
+def micro_step(r: Run, lay: Layout, first: bool, workspace: int) -> None:
+    """Forward, loss and backward of one micro-batch (gradients born, or accumulated)."""
     m, t, d, n = lay.m, lay.t, lay.d, lay.n_tok
     L = m.num_hidden_layers
     r.phase = "forward"
@@ -449,14 +441,44 @@ def step(r: Run, lay: Layout, first: bool, workspace: int = 0) -> None:
             r.live["grad.embed"] = r.live.pop("g.embed_sum")
             r.groups.setdefault("grad", []).append("grad.embed")
         else:
-            r.new("grad.embed", v_h, "grad")
+            r.grad("grad.embed", v_h)
+
+
+def optimizer_step(r: Run, lay: Layout, first: bool) -> None:
+    """Clipping, the optimizer step (states born at the first one, step temporaries), zero_grad
+    (see :func:`vramplan.model.optim.state_pieces` and ``step_temporaries``)."""
+    t, d = lay.t, lay.d
+    e = d.trainable
     r.phase = "optimizer"
+    tensors = trainable_order(lay)
+    if t.max_grad_norm > 0 and tensors:  # clip_grad_norm_: _foreach_norm scalars, then stack
+        r.alloc.transient_group((e,) * len(tensors) + (e * len(tensors),), "clip_norms")
+    opt = t.resolved_optimizer
     if first and lay.device == "cuda":
-        opt = t.resolved_optimizer
-        for name, numel in trainable_order(lay):
-            for k, nbytes in enumerate(state_pieces(numel, opt, d.trainable)):
+        for name, x in tensors:
+            for k, nbytes in enumerate(state_pieces(x, opt, e)[0]):
                 r.new(f"state.{name}.{k}", nbytes)
+    if opt == "adamw_torch":  # _foreach_sqrt(exp_avg_sqs): a copy of every state at once
+        for name, x in tensors:
+            r.new(("sqrt", name), x.numel * e, "sqrt")
+        r.drop_group("sqrt")
+    elif opt == "adamw_loop":
+        for _, x in tensors:
+            r.alloc.transient_group((x.numel * e, x.numel * e), "denom")
+    elif opt == "adafactor":
+        for _, x in tensors:
+            pieces = ((FP32 * x.numel,) * 2 if e != FP32 else ()) + (FP32 * x.numel,) * 2
+            r.alloc.transient_group(pieces, "adafactor_update")
     r.drop_group("grad")
+
+
+def step(r: Run, lay: Layout, first: bool, workspace: int = 0) -> None:
+    """One optimizer step: ``grad_accum`` micro-steps, then clipping, the optimizer step and
+    zero_grad. The first step also creates the cuBLAS workspaces (``workspace`` bytes per handle;
+    the autograd thread has its own: ``CublasHandlePool.cpp``) and the optimizer states."""
+    for k in range(lay.t.grad_accum):
+        micro_step(r, lay, first and k == 0, workspace)
+    optimizer_step(r, lay, first)
 
 
 def replay(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str = "cuda",

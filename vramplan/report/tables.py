@@ -98,6 +98,8 @@ def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) 
         f"seq_len {t.seq_len}, micro-batch {t.batch}, precision {t.precision}, "
         f"gradient checkpointing {'on' if t.grad_ckpt else 'off'}, attention {t.attn}",
         f"optimizers: {opts}",
+        f"gradient accumulation {t.grad_accum} micro-step(s), clipping "
+        + (f"at max_grad_norm {t.max_grad_norm:g}" if t.max_grad_norm > 0 else "off"),
     ]
     if any(k != "full" for k in methods):
         parts.append(f"LoRA r={t.lora_r}, alpha={t.lora_alpha}, dropout {t.lora_dropout}, "
