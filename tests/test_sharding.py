@@ -15,7 +15,11 @@ STATE_GROUPS = ("weights", "gradients", "optimizer")
 
 
 def _states(breakdown) -> int:
-    return sum(breakdown.group_bytes(g) for g in STATE_GROUPS)
+    """Model states: weights, gradients and optimizer states (not the step's temporaries)."""
+    from vramplan.sharding import STEP_TRANSIENTS
+
+    return sum(breakdown.group_bytes(g) for g in STATE_GROUPS) - \
+        sum(t.nbytes for t in breakdown.terms if t.key in STEP_TRANSIENTS)
 
 
 def test_zero3_divides_16_bytes_per_param_by_n(calib):

@@ -36,6 +36,9 @@ from vramplan.specs import ModelSpec, TrainSpec
 from vramplan.units import ceil_div
 
 CACHE_KEY = "overhead.allocator_cache"
+#: Optimizer-group terms that are not model states: the step's temporaries and clipping norms.
+STEP_TRANSIENTS = frozenset({"optimizer.step_temporaries", "optimizer.clip_norms",
+                             "gradients.accumulate_buffer"})
 #: Which term groups each scheme divides by N (ZeRO §5: P_os, P_os+g, P_os+g+p).
 SHARDED_GROUPS: dict[str, tuple[str, ...]] = {
     "none": (),
@@ -77,9 +80,11 @@ class ShardedEstimate:
     paged_bytes: int = 0
 
     def model_state_bytes(self) -> int:
-        """Per-GPU weights + gradients + optimizer terms, without the gathered working set."""
+        """Per-GPU weights + gradients + optimizer states (ZeRO's model states), without the
+        gathered working set or the optimizer step's temporaries."""
         return sum(t.nbytes for t in self.breakdown.terms
                    if t.key.split(".")[0] in ("weights", "gradients", "optimizer")
+                   and t.key not in STEP_TRANSIENTS
                    and not t.key.endswith("gathered_units") and not t.key.endswith("unit_grads"))
 
 

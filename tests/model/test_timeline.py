@@ -57,11 +57,15 @@ def test_replay_of_an_8b_model_takes_under_50_ms(calib):
     m, t = load_model("llama-3.1-8b"), TrainSpec()
     d = dtypes_for(t)
     led = layer_ledger(LayerCtx(m, t, d))
-    best = min(_timed(lambda: replay(m, t, d, led, workspace=32 * 2**20)) for _ in range(3))
+    best = min(_timed(lambda: replay(m, t, d, led, workspace=32 * 2**20)) for _ in range(5))
     assert best < 0.05
 
 
 def _timed(fn) -> float:
+    """Seconds of one call, after collecting the previous calls' garbage (block cycles)."""
+    import gc
+
+    gc.collect()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
