@@ -76,7 +76,8 @@ def render_text(e: Estimate, gpu: Any = None, calib: Any = None) -> str:
               f"device total   (nvidia-smi used):            {e.device_total_bytes / GIB:9.2f} GiB"]
     if e.paged_bytes:
         lines.append(f"paged optimizer states:                      {e.paged_bytes / GIB:9.2f} GiB"
-                     "  (on the GPU while it has room, else in host RAM: not in the device total)")
+                     "  (on the GPU while it has room, else in host RAM, which then needs as much "
+                     "free: not in the device total)")
     if gpu is not None:
         from vramplan.planner import verdict
 
