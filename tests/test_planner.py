@@ -29,6 +29,8 @@ def test_reported_maximum_fits_and_one_more_does_not(calib, name, train, gpu, fi
     assert best is not None
     anchor = getattr(train, field)
     assert search_fits(m, replace(train, **{field: best}), g, calib, field, anchor)
+    if field == "seq_len" and best == m.max_context:
+        return  # stopped at the model's context (test_max_seq_stops_at_the_models_context)
     assert not search_fits(m, replace(train, **{field: best + 1}), g, calib, field, anchor)
 
 
@@ -139,3 +141,39 @@ def per_gpu_est(m, t, calib):
     from vramplan.planner import per_gpu
 
     return per_gpu(m, t, calib)
+
+
+def test_gpus_without_bf16_say_so_instead_of_fitting(calib):
+    # T4 and V100 have no bf16 tensor cores: a bf16 / mixed setup gets "needs bf16", never a fit
+    m = load_model("llama-2-13b")
+    for key in ("t4", "v100-32gb"):
+        f = fit_gpu(m, TrainSpec(), load_gpu(key), calib)
+        assert f.verdict.word == "needs bf16" and not f.fits and f.max_seq_len is None
+        assert fit_gpu(m, TrainSpec(precision="fp16"), load_gpu(key), calib).verdict.word != \
+            "needs bf16"
+
+
+def test_max_seq_stops_at_the_models_context(calib):
+    m = load_model("llama-2-7b")  # max_position_embeddings 4096
+    assert m.max_context == 4096
+    assert max_seq_len(m, TrainSpec(), load_gpu("h200"), calib) == 4096
+
+
+def test_your_own_card_by_usable_memory(capsys):
+    from vramplan.cli import main
+
+    assert main(["fit", "llama-2-7b", "--gpus", "rtx-4090,24GiB", "--json"]) == 0
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    mine = next(g for g in data["gpus"] if g["key"] == "24GiB")
+    assert mine["capacity_bytes"] == 24 * 2**30 and mine["verdict"] == "fits"
+    assert "GPU asked about" not in data["answer"] or "catalog" not in data["answer"]
+
+
+def test_filtered_gpus_answer_about_those_gpus(capsys):
+    from vramplan.cli import main
+
+    assert main(["fit", "llama-2-70b", "--method", "full", "--gpus", "rtx-4090"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "GPU asked about" in first and "catalog" not in first

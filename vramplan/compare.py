@@ -120,5 +120,6 @@ def record_gpu(record: Mapping[str, Any]) -> GpuSpec | None:
     if match is not None:
         return match
     total = env.get("device_memory_bytes")
-    return GpuSpec(key="recorded", name=str(name), memory_bytes=int(total), gpu_class="?",
-                   vendor="?") if total else None
+    # a GPU the record ran on: its features are whatever the run needed ("custom")
+    return GpuSpec(key="recorded", name=str(name), memory_bytes=int(total), gpu_class="custom",
+                   vendor="custom") if total else None

@@ -33,7 +33,9 @@ from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 from vramplan.units import GIB
 
 PERCENT = 100
-FITS, TIGHT, NO = "fits", "tight", "does not fit"
+FITS, TIGHT, NO, NEEDS_BF16 = "fits", "tight", "does not fit", "needs bf16"
+#: Setups that compute in bf16 (HF Trainer bf16=True autocast, or bf16 weights).
+BF16_PRECISIONS = ("bf16", "mixed")
 CACHE_KEY = "overhead.allocator_cache"
 
 
@@ -66,6 +68,10 @@ def verdict(s: ShardedEstimate | Estimate, gpu: GpuSpec, calib: Mapping[str, Any
     """The verdict for one setup (per-GPU estimate, sharded or not) on one GPU (see the module
     docstring)."""
     cap = gpu.capacity_bytes
+    train = getattr(s, "base", s).train
+    if not gpu.has_bf16 and train.precision in BF16_PRECISIONS:
+        return Verdict(NEEDS_BF16, 0, f"{gpu.name} has no bf16 tensor cores: use --precision "
+                                      "fp16 (or fp32) on it")
     outside = s.device_total_bytes - s.peak_reserved_bytes
     error = float((calib.get("verdict") or {}).get("device_error", 0.0))
     largest = getattr(s, "base", s).largest_temporary_bytes
@@ -196,8 +202,11 @@ def search_fits(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping
 
 def max_seq_len(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
                 margin: Margin = Margin()) -> int | None:
-    """Largest seq_len (1-token resolution) within the capacity, batch and the rest fixed."""
+    """Largest seq_len (1-token resolution) within the capacity, batch and the rest fixed, and
+    never past the model's context (``max_position_embeddings``)."""
     cap = int(load_planner_settings()["search"]["max_seq_len"])
+    if model.max_context:
+        cap = min(cap, model.max_context)
     return largest_fitting(lambda s: search_fits(model, replace(train, seq_len=s), gpu, calib,
                                                  "seq_len", train.seq_len, margin),
                            train.seq_len, cap)
@@ -238,6 +247,9 @@ def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str
     v = verdict(s, gpu, calib, margin)
     total = s.device_total_bytes
     room = gpu.capacity_bytes - total
+    if v.word == NEEDS_BF16:  # it cannot run this setup at any size
+        return GpuFit(gpu, total, False, room, PERCENT * room / gpu.capacity_bytes, None, None,
+                      None, train.shard, None, v)
     n, scheme = min_gpus(model, train, gpu, calib, margin)
     run_gpus = train.num_gpus if v.fits else n
     cost = cost_per_billion_tokens(model, train, gpu, run_gpus) if run_gpus else None
@@ -247,7 +259,7 @@ def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str
 
 
 def plan(model: ModelSpec, train: TrainSpec, gpus: Sequence[GpuSpec],
-         calib: Mapping[str, Any], margin: Margin = Margin()) -> Plan:
+         calib: Mapping[str, Any], margin: Margin = Margin(), catalog: bool = True) -> Plan:
     """Fit every GPU and choose: the smallest-capacity GPU that fits as set up, else the
     multi-GPU option with the least total memory (ties: fewer GPUs, then catalog order)."""
     sharded = per_gpu(model, train, calib)
@@ -262,12 +274,15 @@ def plan(model: ModelSpec, train: TrainSpec, gpus: Sequence[GpuSpec],
     tight = [f for f in fits if f.verdict and f.verdict.word == TIGHT and
              (choice is None or f.gpu.capacity_bytes < choice.gpu.capacity_bytes)]
     return Plan(model, train, sharded, fits, choice,
-                answer_sentence(model, train, sharded, choice, tight))
+                answer_sentence(model, train, sharded, choice, tight, catalog=catalog))
 
 
 def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: ShardedEstimate,
-                    choice: GpuFit | None, tight: Sequence[GpuFit] = ()) -> str:
-    """One sentence: what the setup needs and the GPU(s) to run it on (and the tight ones)."""
+                    choice: GpuFit | None, tight: Sequence[GpuFit] = (),
+                    catalog: bool = True) -> str:
+    """One sentence: what the setup needs and the GPU(s) to run it on (and the tight ones);
+    ``catalog`` False when the user named the GPUs (the sentence speaks of those)."""
+    among = "catalog GPU" if catalog else "GPU asked about"
     need = sharded.device_total_bytes / GIB
     setup = f"{model.name} {train.method} (seq {train.seq_len}, batch {train.batch})"
     per = f"{need:.1f} GiB per GPU with {train.shard} over {train.num_gpus}" \
@@ -276,16 +291,17 @@ def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: ShardedEstimate
         per += f" (+ {sharded.paged_bytes / GIB:.1f} GiB of paged optimizer states, on the GPU " \
                "while it has room, else in host RAM)"
     if choice is None:
-        out = f"{setup} needs {per} and fits no catalog GPU, even sharded over the GPU-count limit."
+        out = f"{setup} needs {per} and fits no {among}, even sharded over the GPU-count limit."
     elif choice.fits:
         g = choice.gpu
-        count = f"{train.num_gpus} × " if train.num_gpus > 1 else "one "
+        count = f"{train.num_gpus} × " if train.num_gpus > 1 else \
+            ("" if g.gpu_class == "custom" else "one ")
         out = (f"{setup} needs {per}: the smallest GPU that fits is {count}{g.name} "
                f"({g.capacity_bytes / GIB:.1f} GiB usable, {choice.headroom_bytes / GIB:.1f} GiB "
                "headroom).")
     else:
         g = choice.gpu
-        out = (f"{setup} needs {per}, more than any single catalog GPU: needs {choice.min_gpus} × "
+        out = (f"{setup} needs {per}, more than any single {among}: needs {choice.min_gpus} × "
                f"{g.name} ({g.capacity_bytes / GIB:.1f} GiB usable each) with "
                f"{choice.min_gpus_shard}.")
     for f in sorted(tight, key=lambda f: f.gpu.capacity_bytes)[:3]:

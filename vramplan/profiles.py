@@ -95,6 +95,8 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
             final_logit_softcapping=config.get("final_logit_softcapping"),
             scaled_embeddings=fam.get("scaled_embeddings", False),
             sliding_window=config.get("sliding_window") if model_type == "gemma2" else None,
+            max_context=int(config["max_position_embeddings"])
+            if config.get("max_position_embeddings") else None,
         )
     except (TypeError, ValueError) as exc:
         if isinstance(exc, SpecError):

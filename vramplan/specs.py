@@ -60,6 +60,7 @@ class ModelSpec:
     final_logit_softcapping: float | None = None  # gemma2: tanh soft-capping of the logits
     scaled_embeddings: bool = False  # gemma: embeddings multiplied by sqrt(hidden_size)
     sliding_window: int | None = None  # gemma2: every other layer attends to this many tokens
+    max_context: int | None = None  # max_position_embeddings: the longest sequence it was made for
 
     def __post_init__(self) -> None:
         for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -194,6 +195,11 @@ class GpuSpec:
 
     def __post_init__(self) -> None:
         _require(self.memory_bytes > 0, f"gpu {self.key}: memory_bytes must be positive")
+
+    @property
+    def has_bf16(self) -> bool:
+        """Tensor-core bf16 (Ampere and later, CDNA): T4 and V100 have fp16 only."""
+        return self.bf16_tflops is not None or self.vendor in ("amd", "custom")
 
     @property
     def capacity_bytes(self) -> int:

@@ -15,8 +15,9 @@ from vramplan.report.tables import memory_table, render_table, smallest_gpu
 from vramplan.specs import TrainSpec
 
 CAPTION_BITS = ("seq_len 2048", "micro-batch 1", "precision mixed", "gradient checkpointing on",
-                "lora adamw", "qlora paged_adamw_32bit", "LoRA r=64", "calibration default",
-                "GiB = 2^30")
+                "lora adamw_torch_fused", "qlora paged_adamw_32bit", "LoRA r=64",
+                "calibration default", "GiB = 2^30", "gradient accumulation 1 micro-step(s)",
+                "clipping at max_grad_norm 1")
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,13 @@ def table():
                         list(load_gpus().values()), load_calibration("default"))
 
 
-def test_smallest_gpu_holds_the_estimate(table):
-    gpus = list(load_gpus().values())
+def test_smallest_gpu_holds_the_estimate_and_can_run_bf16(table):
+    gpus = [g for g in load_gpus().values() if g.has_bf16]  # the table's setup is bf16 autocast
+    assert {g.key for g in load_gpus().values()} - {g.key for g in gpus} == {"t4", "v100-16gb",
+                                                                            "v100-32gb"}
     for c in table.cells:
         if c.gpu is not None:
-            assert c.gpu.capacity_bytes >= c.device_total_bytes
+            assert c.gpu.capacity_bytes >= c.device_total_bytes and c.gpu.has_bf16
             assert c.gpu == smallest_gpu(c.device_total_bytes, gpus)
             assert not any(c.device_total_bytes <= g.capacity_bytes < c.gpu.capacity_bytes
                            for g in gpus)

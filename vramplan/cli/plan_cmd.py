@@ -30,7 +30,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        epilog=FIT_EXAMPLES, formatter_class=Formatter)
     p.add_argument("model", metavar="MODEL")
     add_train_options(p, sharding=True)
-    p.add_argument("--gpus", default="all", help="all, or a comma list of catalog slugs")
+    p.add_argument("--gpus", default="all",
+                   help="all, or a comma list of catalog slugs (`vramplan gpus`) and your own "
+                        "cards by usable memory, e.g. rtx-4090,24GiB")
     p.add_argument("--margin", default="0",
                    help="headroom you want on top of the estimate before a GPU counts as fitting: "
                         "bytes with a unit (2GiB, 512MiB) or a percentage of the estimate (5%%)")
@@ -76,12 +78,26 @@ def _split(value: str, what: str) -> list[str]:
 
 
 def select_gpus(value: str) -> list:
-    """Catalog GPUs for --gpus (all, or slugs; an unknown slug is a SpecError)."""
+    """GPUs for --gpus: all of the catalog, or slugs and your own cards given by usable memory
+    ("24GiB": what torch.cuda.mem_get_info() reports as total); an unknown slug is a SpecError."""
     from vramplan.profiles import load_gpu, load_gpus
 
     if value == "all":
         return list(load_gpus().values())
-    return [load_gpu(k) for k in _split(value, "gpus")]
+    return [custom_gpu(k) if k[:1].isdigit() else load_gpu(k) for k in _split(value, "gpus")]
+
+
+def custom_gpu(text: str):
+    """A GPU of the user's own, from its usable memory ("24GiB", "80GB")."""
+    from vramplan.specs import GpuSpec
+
+    size = parse_margin(text)
+    if not size.nbytes or size.fraction:
+        raise SpecError(f"--gpus {text!r}: give your card's usable memory with a unit, e.g. 24GiB")
+    label = text.strip()
+    return GpuSpec(key=label, name=f"your {label} GPU", memory_bytes=size.nbytes,
+                   gpu_class="custom", vendor="custom", cuda_capacity_bytes=size.nbytes,
+                   cuda_capacity_source="given on the command line")
 
 
 UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6,
@@ -133,7 +149,7 @@ def run_fit(args: argparse.Namespace) -> int:
     model, train = load_model(args.model), train_from_args(args)
     gpus = select_gpus(args.gpus)
     calib = load_calibration(args.calibration)
-    p = plan(model, train, gpus, calib, margin)
+    p = plan(model, train, gpus, calib, margin, catalog=args.gpus == "all")
     view = sharded_view(p.sharded)
     cost = load_planner_settings()["cost"]
     if args.json:
@@ -144,7 +160,8 @@ def run_fit(args: argparse.Namespace) -> int:
                                                "estimate": True},
                           "estimate": estimate_json(view, calib=calib)}, indent=2))
         return 0
-    print(render_fit_text(p, float(cost["mfu"])))
+    print(render_fit_text(p, float(cost["mfu"]),
+                          int(load_planner_settings()["search"]["max_gpus"])))
     print()
     print(render_text(view))
     return 0

@@ -63,9 +63,14 @@ class MemoryTable:
         return df
 
 
-def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec]) -> GpuSpec | None:
-    """The catalog GPU with the least CUDA capacity ≥ need (catalog order breaks ties)."""
-    ok = [g for g in gpus if g.capacity_bytes >= need_bytes]
+def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec],
+                 train: TrainSpec | None = None) -> GpuSpec | None:
+    """The catalog GPU with the least CUDA capacity ≥ need (catalog order breaks ties), among
+    those that can run the setup's precision (bf16 needs bf16 tensor cores)."""
+    from vramplan.planner import BF16_PRECISIONS
+
+    bf16 = train is not None and train.precision in BF16_PRECISIONS
+    ok = [g for g in gpus if g.capacity_bytes >= need_bytes and (g.has_bf16 or not bf16)]
     return min(ok, key=lambda g: g.capacity_bytes, default=None)
 
 
@@ -77,7 +82,7 @@ def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: Tra
         for method in methods:
             s = per_gpu(m, replace(train, method=method), calib)
             cells.append(Cell(m.name, s.base.params_total, method, s.device_total_bytes,
-                              smallest_gpu(s.device_total_bytes, gpus)))
+                              smallest_gpu(s.device_total_bytes, gpus, train)))
     settings = {**train.as_dict(), "optimizer": {k: replace(train, method=k).resolved_optimizer
                                                  for k in methods},
                 "calibration": calib.get("name", "default"),
@@ -109,7 +114,8 @@ def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) 
     parts.append("no sharding" if t.shard == "none" else f"{t.shard} over {t.num_gpus} GPUs")
     status = calib.get("status", "fitted")
     parts.append(f"calibration {calib.get('name', 'default')} ({status})")
-    parts.append("GPU = the catalog GPU with the least usable (CUDA) memory at least the estimate")
+    parts.append("GPU = the catalog GPU with the least usable (CUDA) memory at least the estimate"
+                 + (" that has bf16 (not T4/V100)" if t.precision in ("bf16", "mixed") else ""))
     return "; ".join(parts) + "."
 
 
@@ -164,15 +170,17 @@ def _num(x: float | None, spec: str) -> str:
     return MISSING if x is None else format(x, spec)
 
 
-def fit_rows(p: Plan) -> tuple[list[str], list[list[str]]]:
+def fit_rows(p: Plan, max_gpus: int = 64) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the `fit` table (GiB for display)."""
     head = ["gpu", "usable GiB", "verdict", "headroom GiB", "headroom %", "max seq",
             "max batch", "min GPUs", "h/1B tok*", "$/1B tok*"]
     rows = []
     for f in p.fits:
         c = f.cost
-        gpus = MISSING if f.min_gpus is None else \
+        gpus = f">{max_gpus}" if f.min_gpus is None else \
             (f"{f.min_gpus}" + (f" {f.min_gpus_shard}" if f.min_gpus_shard != "none" else ""))
+        if f.verdict and f.verdict.word == "needs bf16":
+            gpus = MISSING  # no GPU count makes a bf16 setup run on it
         word = f.verdict.word if f.verdict else ("fits" if f.fits else "does not fit")
         rows.append([f.gpu.key, f"{f.gpu.capacity_bytes / GIB:.2f}", word,
                      f"{f.headroom_bytes / GIB:+.1f}", f"{f.headroom_pct:+.0f}",
@@ -182,9 +190,9 @@ def fit_rows(p: Plan) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def render_fit_text(p: Plan, mfu: float) -> str:
+def render_fit_text(p: Plan, mfu: float, max_gpus: int = 64) -> str:
     """The answer, the per-GPU table, and the footnote on the time/cost estimate."""
-    head, rows = fit_rows(p)
+    head, rows = fit_rows(p, max_gpus)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
                               for i, (x, w) in enumerate(zip(r, widths)))
@@ -198,5 +206,8 @@ def render_fit_text(p: Plan, mfu: float) -> str:
               "the model's error on measured runs or --margin.",
               "max seq / max batch: largest value within the usable memory with everything else "
               "fixed (1-token / 1-sequence resolution; allocator cache interpolated between "
-              "replays at powers of two)."]
+              "replays at powers of two)"
+              + (f"; max seq stops at the model's context, {p.model.max_context:,} tokens"
+                 if p.model.max_context else "") + f". min GPUs >{max_gpus}: none up to the "
+              "GPU-count limit (profiles/planner.toml)."]
     return "\n".join(lines)
