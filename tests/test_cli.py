@@ -50,11 +50,24 @@ BAD = {
     "unknown lora target": ["estimate", "llama-2-7b", "--lora-targets", "foo_proj"],
     "unknown gpu": ["estimate", "llama-2-7b", "--gpu", "rtx-9999"],
     "dropout 1": ["estimate", "llama-2-7b", "--lora-dropout", "1.0"],
+    "path that is not there": ["estimate", "./nope/"],
+    "unknown hub id offline": ["estimate", "someone/not-a-shipped-model"],
+    "shard without gpu count": ["fit", "llama-2-7b", "--shard", "zero3", "--gpus", "h200"],
+    "lora target the model lacks": ["estimate", "phi-3-mini", "--lora-targets", "gate_proj"],
+    "table with --method": ["table", "--models", "llama-2-7b", "--method", "full"],
+    "plot to svg": ["plot", "breakdown", "llama-2-7b", "--out", "/tmp/vramplan-test.svg"],
+    "plot into a missing folder": ["plot", "breakdown", "llama-2-7b", "--out", "/nope/x.png"],
+    "calibration file missing": ["estimate", "llama-2-7b", "--calibration", "/nope/c.toml"],
+    "grad accum 0": ["estimate", "llama-2-7b", "--grad-accum", "0"],
+    "negative max grad norm": ["estimate", "llama-2-7b", "--max-grad-norm", "-1"],
+    "own card without unit": ["fit", "llama-2-7b", "--gpus", "24 parsecs"],
+    "unknown gpu in fit": ["fit", "llama-2-7b", "--gpus", "h300"],
 }
 
 
 @pytest.mark.parametrize("argv", BAD.values(), ids=BAD.keys())
-def test_bad_input_is_one_line_and_exit_2(argv, capsys):
+def test_bad_input_is_one_line_and_exit_2(argv, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id is looked up locally, never fetched
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error:" in err
@@ -65,6 +78,28 @@ CONFIGS = {
     "missing key": json.dumps({"model_type": "llama", "hidden_size": 64}),
     "unsupported architecture": json.dumps({"model_type": "gpt2", "hidden_size": 64}),
     "not an object": "[1, 2]",
+    "zero heads": json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                              "num_hidden_layers": 2, "num_attention_heads": 0,
+                              "vocab_size": 100}),
+    "fractional hidden size": json.dumps({"model_type": "llama", "hidden_size": 4096.7,
+                                          "intermediate_size": 128, "num_hidden_layers": 2,
+                                          "num_attention_heads": 4, "vocab_size": 100}),
+    "mixtral without experts": json.dumps({"model_type": "mixtral", "hidden_size": 64,
+                                           "intermediate_size": 128, "num_hidden_layers": 2,
+                                           "num_attention_heads": 4, "vocab_size": 100}),
+    "hidden not a multiple of heads": json.dumps({"model_type": "llama", "hidden_size": 65,
+                                                  "intermediate_size": 128,
+                                                  "num_hidden_layers": 2,
+                                                  "num_attention_heads": 4, "vocab_size": 100}),
+    "negative layers": json.dumps({"model_type": "llama", "hidden_size": 64,
+                                   "intermediate_size": 128, "num_hidden_layers": -2,
+                                   "num_attention_heads": 4, "vocab_size": 100}),
+    "vocab as text": json.dumps({"model_type": "llama", "hidden_size": 64,
+                                 "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "vocab_size": "32k"}),
+    "boolean hidden size": json.dumps({"model_type": "llama", "hidden_size": True,
+                                       "intermediate_size": 128, "num_hidden_layers": 2,
+                                       "num_attention_heads": 4, "vocab_size": 100}),
 }
 
 
@@ -154,3 +189,32 @@ def test_version_and_gpu_list(capsys):
     assert main(["gpus"]) == 0
     out = capsys.readouterr().out
     assert "h200" in out and "139.80" in out and "usable GiB" in out
+
+
+
+def test_the_bad_input_table_covers_at_least_40_kinds():
+    kinds = len(BAD) + len(CONFIGS) + 8 + 3 + 5  # + evidence commands, check files, --margin
+    assert kinds >= 40
+
+
+def test_check_reports_a_non_numeric_peak_instead_of_crashing(tmp_path, root, capsys):
+    line = (root / "validation/results/cpu-ci.jsonl").read_text().splitlines()[0]
+    rec = json.loads(line)
+    rec["measured"]["peak_allocated_bytes"] = "lots"
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    assert main(["check", str(path)]) == 1
+    assert "not a byte count" in capsys.readouterr().out
+
+
+def test_a_shipped_profile_answers_for_its_hub_id_offline(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["estimate", "meta-llama/Llama-2-7b-hf", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "llama-2-7b"
+
+
+def test_docs_refuses_a_folder_it_did_not_generate_unless_forced(tmp_path, capsys):
+    (tmp_path / "index.md").write_text("# my own docs\n")
+    assert main(["docs", "--out", str(tmp_path)]) == 2
+    assert "did not generate" in capsys.readouterr().err
+    assert (tmp_path / "index.md").read_text() == "# my own docs\n"

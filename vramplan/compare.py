@@ -79,12 +79,21 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
     where = {"source": source, "device": device_of(record)}
     try:
         est = estimate_for(record, calib)
-    except (SpecError, KeyError) as exc:
+    except (SpecError, KeyError, TypeError, AttributeError) as exc:
         return Comparison(case_id, record.get("outcome", "?"), "?", {}, {}, {},
                           (f"cannot re-estimate: {exc}",), **where)
     predicted = {lvl: getattr(est, lvl) for lvl in LEVELS}
     measured = dict.fromkeys(LEVELS)
-    measured.update({k: v for k, v in (record.get("measured") or {}).items() if k in LEVELS})
+    raw = record.get("measured") or {}
+    if not isinstance(raw, Mapping):
+        return Comparison(case_id, record.get("outcome", "?"), est.train.method, {}, predicted, {},
+                          ("malformed record: measured is not an object",), **where)
+    bad = [k for k in LEVELS if raw.get(k) is not None and
+           (isinstance(raw[k], bool) or not isinstance(raw[k], (int, float)) or raw[k] < 0)]
+    if bad:
+        return Comparison(case_id, record.get("outcome", "?"), est.train.method, {}, predicted, {},
+                          (f"malformed record: {', '.join(bad)} is not a byte count",), **where)
+    measured.update({k: v for k, v in raw.items() if k in LEVELS})
     errors, problems = {}, []
     outcome = record.get("outcome", "ok")
     gpu = record_gpu(record)

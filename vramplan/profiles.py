@@ -37,6 +37,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "vocab_size")
+#: Integer keys that may be absent, but must be whole and positive when present.
+_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings",
+                      "num_local_experts", "num_experts_per_tok")
 
 
 def profiles_dir() -> Path:
@@ -67,6 +70,22 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
     if missing:
         raise SpecError(f"{name}: config.json lacks {', '.join(missing)}")
     fam = FAMILIES[model_type]
+    for key in _REQUIRED_KEYS + _OPTIONAL_INT_KEYS:
+        value = config.get(key)
+        if value is None and key not in _REQUIRED_KEYS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{name}: config.json {key} must be a whole number, got {value!r}")
+        if value <= 0 and key not in ("num_local_experts", "num_experts_per_tok"):
+            raise SpecError(f"{name}: config.json {key} must be positive, got {value}")
+    if model_type == "mixtral" and not (config.get("num_local_experts")
+                                        and config.get("num_experts_per_tok")):
+        raise SpecError(f"{name}: a mixtral config.json needs num_local_experts and "
+                        "num_experts_per_tok (it would be estimated as a dense model)")
+    if config["hidden_size"] % config["num_attention_heads"] and not config.get("head_dim"):
+        raise SpecError(f"{name}: hidden_size {config['hidden_size']} is not a multiple of "
+                        f"num_attention_heads {config['num_attention_heads']} and head_dim is "
+                        "not given")
     try:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
@@ -118,7 +137,12 @@ def load_hf_config(ref: str) -> tuple[str, dict[str, Any]]:
     profile = profiles_dir() / "models" / f"{ref}.json"
     if profile.is_file():
         return ref, _read_json(profile)["config"]
+    if ref.startswith((".", "/", "~")) or ref.endswith("/") or "\\" in ref:
+        raise SpecError(f"{ref}: no such file or folder")
     if "/" in ref:
+        shipped = shipped_profile_for(ref)
+        if shipped is not None:
+            return shipped, _read_json(profiles_dir() / "models" / f"{shipped}.json")["config"]
         return ref, _fetch_hub_config(ref)
     close = difflib.get_close_matches(ref, list_models(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; run `vramplan profiles` to list them"
@@ -149,19 +173,57 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data["config"] if isinstance(data.get("config"), dict) else data
 
 
+def shipped_profile_for(hub_id: str) -> str | None:
+    """The shipped profile whose source is this hub id (no network needed), if any."""
+    for name in list_models():
+        data = _read_json(profiles_dir() / "models" / f"{name}.json")
+        if str((data.get("source") or {}).get("hub_id", "")).lower() == hub_id.lower():
+            return name
+    return None
+
+
+#: Seconds to wait for the hub before saying it is unreachable.
+HUB_TIMEOUT_S = 2.0
+
+
 def _fetch_hub_config(hub_id: str) -> dict[str, Any]:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise SpecError(f"{hub_id}: fetching a hub config needs huggingface_hub "
                         "(pip install 'vramplan[harness]')") from None
+    _require_hub(hub_id)
     try:
-        return _read_json(Path(hf_hub_download(hub_id, "config.json")))
+        import logging
+        import warnings
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _read_json(Path(hf_hub_download(hub_id, "config.json",
+                                                   etag_timeout=HUB_TIMEOUT_S)))
     except SpecError:
         raise
     except Exception as exc:  # network, auth, missing repo: all one clear line
         raise SpecError(f"{hub_id}: could not fetch config.json from the hub "
                         f"({type(exc).__name__})") from None
+
+
+def _require_hub(hub_id: str) -> None:
+    """Fail within HUB_TIMEOUT_S, in one line, when the hub cannot be reached (offline, proxy),
+    instead of the library's retries; HF_HUB_OFFLINE=1 is honoured."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise SpecError(f"{hub_id}: HF_HUB_OFFLINE is set and no shipped profile has this hub id; "
+                        "pass a config.json path (see `vramplan profiles`)")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError:
+        raise SpecError(f"{hub_id}: cannot reach {host} within {HUB_TIMEOUT_S:g} s (offline?) "
+                        "and no shipped profile has this hub id; pass a config.json path") from None
 
 
 @lru_cache(maxsize=None)
@@ -193,9 +255,21 @@ def load_gpu(key: str) -> GpuSpec:
 
 
 def load_calibration(name: str = "default") -> dict[str, Any]:
-    """A calibration file profiles/calibration/NAME.toml as a dict (constants + provenance)."""
-    path = profiles_dir() / "calibration" / f"{name}.toml"
+    """A calibration (constants + provenance): profiles/calibration/NAME.toml, or a .toml path
+    (what `vramplan calibrate --out` wrote)."""
+    given = Path(name)
+    path = given if name.endswith(".toml") or given.parent != Path(".") else \
+        profiles_dir() / "calibration" / f"{name}.toml"
     if not path.is_file():
-        raise SpecError(f"no calibration {name!r} under {path.parent}")
-    with path.open("rb") as fh:
-        return tomllib.load(fh)
+        known = ", ".join(sorted(p.stem for p in (profiles_dir() / "calibration").glob("*.toml")))
+        raise SpecError(f"no calibration {name!r} ({path} does not exist; shipped: {known})")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: malformed TOML ({exc})") from None
+    missing = [k for k in ("non_allocator", "cublas_workspace") if k not in data]
+    if missing:
+        raise SpecError(f"{path}: not a vramplan calibration (lacks {', '.join(missing)}; "
+                        "write one with `vramplan calibrate`)")
+    return data

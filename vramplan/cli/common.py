@@ -60,4 +60,26 @@ def train_from_args(args: argparse.Namespace, **override: Any) -> TrainSpec:
     names = {f.name for f in fields(TrainSpec)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     values.update(override)
+    if values.get("shard", "none") != "none" and values.get("num_gpus", 1) < 2:
+        raise SpecError(f"--shard {values['shard']} shards over several GPUs: give --num-gpus "
+                        "(2 or more)")
     return TrainSpec(**values)
+
+
+def output_path(value: str, suffixes: tuple[str, ...] = ()) -> "Path":
+    """An output file that can be written, checked before any work starts: its folder exists and
+    is writable, it is not a folder, and it has one of ``suffixes`` (when given)."""
+    import os
+    from pathlib import Path
+
+    path = Path(value)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise SpecError(f"{value}: the output must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise SpecError(f"{value}: is a folder; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SpecError(f"{value}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SpecError(f"{value}: cannot write there")
+    return path

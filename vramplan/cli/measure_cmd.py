@@ -105,6 +105,9 @@ def run_measure(args: argparse.Namespace) -> int:
         return _dry_run(matrix, args)
     if not args.out:
         raise UserError("--out RESULTS.jsonl is required (or use --dry-run)")
+    from vramplan.cli.common import output_path
+
+    output_path(args.out, (".jsonl",))
     if args.device == "cuda":
         try:
             import torch
@@ -223,8 +226,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from vramplan.calibrate import check_fittable, fit, to_toml
     from vramplan.profiles import load_calibration
 
+    from vramplan.cli.common import output_path
+
     names = [n.strip() for n in args.fit.split(",") if n.strip()]
     check_fittable(names)
+    output_path(args.out, (".toml",))
     base = load_calibration(args.base)
     data = fit(_read(args.results), names, base)
     data["records"] = " ".join(args.results)

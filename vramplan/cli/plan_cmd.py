@@ -45,6 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--models", required=True, help="comma list of models")
     t.add_argument("--methods", default="full,lora,qlora", help="comma list of methods")
     add_train_options(t, sharding=True)
+    t.set_defaults(method=None)  # the table's methods come from --methods
     t.add_argument("--calibration", default="default")
     t.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
     t.set_defaults(func=run_table)
@@ -63,6 +64,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("docs", help="regenerate docs/ (tables, plots, the seed's claims)",
                        formatter_class=Formatter)
     d.add_argument("--out", default="docs", help="output folder")
+    d.add_argument("--force", action="store_true",
+                   help="write into a folder that vramplan did not generate (files are replaced)")
     d.add_argument("--calibration", default="default")
     d.add_argument("--readme", metavar="README.md",
                    help="also regenerate the evidence block of this README from "
@@ -171,6 +174,9 @@ def run_table(args: argparse.Namespace) -> int:
     from vramplan.profiles import load_calibration, load_gpus, load_model
     from vramplan.report.tables import memory_table, render_table
 
+    if args.method is not None:
+        raise SpecError("table compares methods: give them as --methods (a comma list), not "
+                        "--method")
     models = [load_model(m) for m in _split(args.models, "models")]
     methods = _methods(args.methods)
     train = train_from_args(args, method=methods[0])
@@ -190,6 +196,9 @@ def run_plot(args: argparse.Namespace) -> int:
     from vramplan.profiles import load_calibration, load_model
     from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png
 
+    from vramplan.cli.common import output_path
+
+    output_path(args.out, (".png",))
     model, calib = load_model(args.model), load_calibration(args.calibration)
     if args.kind == "breakdown":
         by_method = {m: per_gpu(model, train_from_args(args, method=m), calib)
@@ -212,7 +221,13 @@ def run_docs(args: argparse.Namespace) -> int:
     from vramplan.report.docs import write_docs
 
     from vramplan.measure.records import read_records
+    from vramplan.report.docs import check_docs_folder
 
+    check_docs_folder(Path(args.out), args.force)
+    if args.readme:
+        from vramplan.cli.common import output_path
+
+        output_path(args.readme, (".md",))
     calib = load_calibration(args.calibration)
     results = sorted((Path(args.readme).resolve().parent if args.readme else Path.cwd())
                      .glob("validation/results/*.jsonl"))

@@ -56,6 +56,7 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
     step's allocate/free sequence; the device total adds the memory outside the allocator.
     Paged optimizer states are their own figure (``paged_bytes``), outside the device total.
     """
+    check_targets(m, t)
     t_eff = effective_setup(m, t)
     if t_eff is not t:
         return _with_note(estimate(m, t_eff, calib, device, allocator), t,
@@ -122,6 +123,19 @@ def levels(terms: tuple[Term, ...]) -> Levels:
     device_total = reserved + sum(x.nbytes for x in terms if x.level == "device")
     paged = sum(x.nbytes for x in terms if x.level == "paged")
     return Levels(phases, peak_phase, peak, reserved, device_total, paged)
+
+
+def check_targets(m: ModelSpec, t: TrainSpec) -> None:
+    """peft raises when none of the named LoRA targets exists in the model; so does this."""
+    from vramplan.model.params import layer_linears
+    from vramplan.specs import SpecError
+
+    names = t.target_modules() if t.method != "full" else None
+    if names:
+        have = [lin.name for lin in layer_linears(m)]
+        if not set(names) & set(have):
+            raise SpecError(f"--lora-targets {t.lora_targets}: {m.name} ({m.model_type}) has no "
+                            f"such module; its linears are {', '.join(have)}")
 
 
 def effective_setup(m: ModelSpec, t: TrainSpec) -> TrainSpec:

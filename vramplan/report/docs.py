@@ -225,6 +225,29 @@ def markdown_docs(gpus: Sequence[GpuSpec], calib: Mapping[str, Any],
     }
 
 
+def check_docs_folder(out: Path, force: bool = False) -> None:
+    """Refuse to write into an existing folder that holds files vramplan did not generate (a
+    user's own docs/index.md), unless ``force``; a missing or empty folder is fine."""
+    from vramplan.specs import SpecError
+
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out}: is a file, not a folder")
+    if force or not out.is_dir():
+        return
+    ours = set(markdown_docs_names()) | {f"breakdown-{PLOT_MODEL}.png",
+                                          f"maxseq-{PLOT_MODEL}-{PLOT_METHOD}.png"}
+    for path in out.iterdir():
+        generated = path.suffix == ".md" and path.read_text(errors="replace").startswith(HEADER)
+        if path.name in ours and (generated or path.suffix == ".png"):
+            continue
+        raise SpecError(f"--out {out}: holds {path.name}, which vramplan did not generate; "
+                        "choose another folder or pass --force")
+
+
+def markdown_docs_names() -> tuple[str, ...]:
+    return ("index.md", "hardware-seed.md", "hardware-current.md", "seed-claims.md")
+
+
 def write_docs(out: Path, gpus: Sequence[GpuSpec], calib: Mapping[str, Any],
                plots: bool = True, records: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
     """Write the markdown pages (and the PNGs unless plots=False); returns the paths written."""
