@@ -218,3 +218,12 @@ def test_docs_refuses_a_folder_it_did_not_generate_unless_forced(tmp_path, capsy
     assert main(["docs", "--out", str(tmp_path)]) == 2
     assert "did not generate" in capsys.readouterr().err
     assert (tmp_path / "index.md").read_text() == "# my own docs\n"
+
+
+def test_check_and_dry_run_work_from_another_folder(root, tmp_path, monkeypatch, capsys):
+    """Relative model paths in a results file or matrix resolve against that file's checkout."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", str(root / "validation/results/cpu-ci.jsonl")]) == 0
+    assert main(["measure", str(root / "validation/matrices/cpu-ci.toml"), "--device", "cpu",
+                 "--dry-run"]) == 0
+    assert "llama-full-bf16-s128" in capsys.readouterr().out

@@ -7,11 +7,12 @@ recomputes each case's estimate from its recorded model and setup. Never imports
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from vramplan.model.estimate import Estimate, estimate
 from vramplan.planner import FITS, NO, verdict
-from vramplan.profiles import load_gpus, load_model
+from vramplan.profiles import load_gpus, load_model, resolve_ref
 from vramplan.specs import GpuSpec, SpecError, TrainSpec
 
 LEVELS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
@@ -46,11 +47,13 @@ class Comparison:
 LEGACY_SETUP = {"grad_accum": 1, "max_grad_norm": 0.0}
 
 
-def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any]) -> Estimate:
-    """The estimate of a recorded case (its model ref, setup and device)."""
+def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any],
+                 anchor: Path | None = None) -> Estimate:
+    """The estimate of a recorded case (its model ref, setup and device); a relative model path
+    resolves against ``anchor`` (the results file's folder) when it is not found here."""
     setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
-    return estimate(load_model(record["model"]), TrainSpec.from_dict(setup), calib,
-                    record.get("device", "cuda"))
+    return estimate(load_model(resolve_ref(record["model"], anchor)), TrainSpec.from_dict(setup),
+                    calib, record.get("device", "cuda"))
 
 
 def device_of(record: Mapping[str, Any]) -> str:
@@ -73,12 +76,13 @@ def unmeasured_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
-                   tolerance: float = DEFAULT_TOLERANCE, source: str = "") -> Comparison:
+                   tolerance: float = DEFAULT_TOLERANCE, source: str = "",
+                   anchor: Path | None = None) -> Comparison:
     """Compare one record at every level it measured; an OOM must be predicted not to fit."""
     case_id = str(record.get("case_id", "?"))
     where = {"source": source, "device": device_of(record)}
     try:
-        est = estimate_for(record, calib)
+        est = estimate_for(record, calib, anchor)
     except (SpecError, KeyError, TypeError, AttributeError) as exc:
         return Comparison(case_id, record.get("outcome", "?"), "?", {}, {}, {},
                           (f"cannot re-estimate: {exc}",), **where)

@@ -149,6 +149,19 @@ def load_hf_config(ref: str) -> tuple[str, dict[str, Any]]:
     raise SpecError(f"unknown model {ref!r}: not a profile, a config.json path or a hub id{hint}")
 
 
+def resolve_ref(ref: str, anchor: Path | None) -> str:
+    """A model ref as written in a matrix or a results file, made independent of the current
+    folder: a relative path that does not exist here is looked up against ``anchor`` (the file's
+    folder) and its parents (the checkout it belongs to). Anything else is returned unchanged."""
+    path = Path(ref)
+    if anchor is None or path.is_absolute() or path.exists() or "/" not in ref:
+        return ref
+    for base in (anchor, *anchor.parents):
+        if (base / path).exists():
+            return str(base / path)
+    return ref
+
+
 def load_model(ref: str) -> ModelSpec:
     """ModelSpec for a profile name, config.json path/folder or hub id."""
     name, config = load_hf_config(ref)

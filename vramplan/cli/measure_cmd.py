@@ -133,14 +133,15 @@ def run_measure(args: argparse.Namespace) -> int:
 
 def _dry_run(matrix, args: argparse.Namespace) -> int:
     from vramplan.model.estimate import estimate
-    from vramplan.profiles import load_calibration, load_model
+    from vramplan.profiles import load_calibration, load_model, resolve_ref
     from vramplan.units import GIB
 
     calib = load_calibration(args.calibration)
     print(f"{matrix.name}: {len(matrix.cases)} cases (predicted, {args.device})")
     print(f"{'case':<44} {'method':<6} {'seq':>6} {'alloc GiB':>10} {'device GiB':>11}")
     for case in matrix.cases:
-        e = estimate(load_model(case.model), case.train, calib, args.device)
+        e = estimate(load_model(resolve_ref(case.model, Path(args.matrix).resolve().parent)),
+                     case.train, calib, args.device)
         print(f"{case.id:<44} {case.train.method:<6} {case.train.seq_len:>6} "
               f"{e.peak_allocated_bytes / GIB:>10.3f} {e.device_total_bytes / GIB:>11.3f}")
     return 0
@@ -163,8 +164,8 @@ def run_check(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calibration)
     rows = []
     for path in args.results:
-        rows += [compare_record(r, calib, args.tolerance, source=Path(path).stem)
-                 for r in _read([path])]
+        rows += [compare_record(r, calib, args.tolerance, source=Path(path).stem,
+                                anchor=Path(path).resolve().parent) for r in _read([path])]
     if args.json:
         print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,

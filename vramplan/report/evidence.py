@@ -126,7 +126,8 @@ def compare_files(paths: Sequence[Path], calib: Mapping[str, Any],
     for path in paths:
         for r in read_records(path):
             out.append(compare_record(r, calib, DEFAULT_TOLERANCE if tolerance is None
-                                      else tolerance, source=Path(path).stem))
+                                      else tolerance, source=Path(path).stem,
+                                      anchor=Path(path).resolve().parent))
     return out
 
 
