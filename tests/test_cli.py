@@ -227,3 +227,24 @@ def test_check_and_dry_run_work_from_another_folder(root, tmp_path, monkeypatch,
     assert main(["measure", str(root / "validation/matrices/cpu-ci.toml"), "--device", "cpu",
                  "--dry-run"]) == 0
     assert "llama-full-bf16-s128" in capsys.readouterr().out
+
+
+def test_check_output_fits_120_columns(root, capsys):
+    main(["check", str(root / "validation/results/h200.jsonl"),
+          str(root / "validation/results/cpu-ci.jsonl")])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 120
+
+
+def test_help_shows_every_default(capsys):
+    import re
+
+    for cmd, flags in ((["estimate", "--help"], ("--method", "--attn", "--lora-alpha",
+                                                 "--lora-dropout")),
+                       (["fit", "--help"], ("--method", "--num-gpus", "--margin")),
+                       (["measure", "--help"], ("--device", "--timeout"))):
+        main(cmd)
+        out = capsys.readouterr().out
+        for flag in flags:
+            block = re.search(rf"^  {flag}[ ,].*?(?=^  -|\Z)", out, re.M | re.S).group(0)
+            assert "(default" in block, (cmd, flag)

@@ -51,7 +51,7 @@ def test_committed_h200_results_pass_check_at_all_three_levels(root, capsys):
     path = root / "validation/results/h200.jsonl"
     assert main(["check", str(path), "--tolerance", TOLERANCE]) == 0
     out = capsys.readouterr().out
-    assert "[verdict on this GPU: tight]" in out or "[verdict on this GPU: does not fit]" in out
+    assert "verdict on this GPU: tight" in out or "verdict on this GPU: does not fit" in out
 
 
 def test_h200_error_statistics_meet_the_issue_bounds(root, calib):

@@ -101,6 +101,10 @@ def test_timeout_and_resume(matrix, tmp_path):
     assert [r["case_id"] for r in again] == ["fails"]  # "hangs" is already recorded
     assert out.read_text().startswith(first)
     assert run_matrix(matrix, "cpu", out, only="hangs,fails", resume=True, progress=None) == []
+    # --retry-failed: the failed and timed-out cases run again; finished ones are still skipped
+    retried = run_matrix(matrix, "cpu", out, only="hangs,fails", resume=True, timeout=3,
+                         progress=None, retry_failed=True)
+    assert sorted(r["case_id"] for r in retried) == ["fails", "hangs"]
 
 
 def test_expandable_segments_reach_the_worker_through_the_alloc_conf():
@@ -112,3 +116,57 @@ def test_expandable_segments_reach_the_worker_through_the_alloc_conf():
     assert alloc_conf({}, "garbage_collection_threshold:0.6") == "garbage_collection_threshold:0.6"
     env = worker_env("cuda", {"expandable_segments": True})
     assert env["PYTORCH_CUDA_ALLOC_CONF"].endswith("expandable_segments:True")
+
+
+def test_ctrl_c_kills_the_worker_group_and_says_one_line(tmp_path, monkeypatch):
+    """SIGINT during a case: the worker's process group is killed (nothing orphaned) and the
+    CLI prints one line and exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vramplan.measure.records import ROOT
+
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(MATRIX)
+    env = {**os.environ, "VRAMPLAN_TEST_HANG": "hangs"}
+    proc = subprocess.Popen([sys.executable, "-m", "vramplan", "measure", str(matrix), "--device",
+                             "cpu", "--out", str(tmp_path / "o.jsonl"), "--only", "hangs"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _children(proc.pid):
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert workers
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "vramplan: interrupted" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    time.sleep(0.5)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _children(pid: int) -> list[int]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie is not running
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False

@@ -53,3 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("vramplan: interrupted (records already written are kept)", file=sys.stderr)
+        return 130

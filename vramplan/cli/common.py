@@ -21,12 +21,14 @@ def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> Non
     """The training-setup flags of the CLI contract (defaults: the seed's QLoRA recipe)."""
     d = DEFAULTS
     g = p.add_argument_group("training setup")
-    g.add_argument("--method", choices=METHODS, default=d.method)
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help="full fine-tuning, LoRA, or QLoRA (4-bit base + LoRA)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     g.add_argument("--batch", type=int, default=d.batch, help="micro-batch size per GPU")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA scaling numerator")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout,
+                   help="dropout on the adapter input (> 0 saves a mask per adapted linear)")
     g.add_argument("--lora-targets", default=d.lora_targets,
                    help="all-linear, attn, or a comma list such as q_proj,v_proj")
     g.add_argument("--quant", choices=QUANTS, default=d.quant, help="QLoRA base-weight format")
@@ -43,7 +45,8 @@ def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> Non
                    help="gradient clipping before the optimizer step (0 = off; HF Trainer: 1.0)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="mixed = bf16 autocast with fp32 trainable weights (HF Trainer bf16=True)")
-    g.add_argument("--attn", choices=ATTENTIONS, default=d.attn)
+    g.add_argument("--attn", choices=ATTENTIONS, default=d.attn,
+                   help="attention kernel (eager saves the s x s scores)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=d.grad_ckpt,
                    help="gradient checkpointing")
     g.add_argument("--expandable-segments", action=argparse.BooleanOptionalAction,
@@ -52,7 +55,8 @@ def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> Non
     if sharding:
         g.add_argument("--shard", choices=SHARDS, default=d.shard,
                        help="ZeRO stage or FSDP full sharding across --num-gpus")
-        g.add_argument("--num-gpus", type=int, default=d.num_gpus)
+        g.add_argument("--num-gpus", type=int, default=d.num_gpus,
+                       help="data-parallel GPUs the --shard scheme spreads over")
 
 
 def train_from_args(args: argparse.Namespace, **override: Any) -> TrainSpec:

@@ -33,14 +33,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "record peak memory per case as JSON lines.",
                        epilog=MEASURE_EXAMPLES, formatter_class=Formatter)
     p.add_argument("matrix", metavar="MATRIX.toml")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                   help="cuda: torch + NVML peaks on the GPU; cpu: the tensor-storage tracker")
     p.add_argument("--out", help="results JSONL (appended to; required unless --dry-run)")
     p.add_argument("--resume", action="store_true", help="skip cases already in --out")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run again the cases whose record is a failure or timeout")
     p.add_argument("--only", help="comma list of case ids or globs to run")
     p.add_argument("--timeout", type=positive_float, default=600.0, help="seconds per case")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cases with their predicted device totals; run nothing")
-    p.add_argument("--calibration", default="default")
+    p.add_argument("--calibration", default="default", help="for --dry-run's predictions")
     p.add_argument("--snapshot", action="store_true",
                    help="CUDA: store a summary of the caching allocator's segments after each "
                         "measured phase (to compare with the allocator replay segment by segment)")
@@ -124,7 +127,8 @@ def run_measure(args: argparse.Namespace) -> int:
         if not select(matrix.cases, only):
             raise UserError(f"--only {args.only}: no case of {args.matrix} matches")
     records = run_matrix(args.matrix, args.device, args.out, resume=args.resume, only=only,
-                         timeout=args.timeout, progress=sys.stderr, snapshot=args.snapshot)
+                         timeout=args.timeout, progress=sys.stderr, snapshot=args.snapshot,
+                         retry_failed=args.retry_failed)
     failed = [r for r in records if r.get("outcome") == "error"]
     print(f"{len(records)} case(s) recorded in {args.out}; {len(failed)} failed"
           + (": " + ", ".join(r["case_id"] for r in failed) if failed else ""), file=sys.stderr)
@@ -148,6 +152,7 @@ def _dry_run(matrix, args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    """Measured vs predicted per record (GiB), then the error statistics per level."""
     import json
 
     from vramplan.compare import LEVELS, compare_record
@@ -171,18 +176,21 @@ def run_check(args: argparse.Namespace) -> int:
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,
                            "problems": list(c.problems)} for c in rows], indent=2))
     else:
-        short = {"peak_allocated_bytes": "alloc", "peak_reserved_bytes": "reserved",
+        # 120 columns: the case, then measured/predicted GiB and the error per level; what went
+        # wrong (and notes) on an indented line under the case.
+        short = {"peak_allocated_bytes": "alloc", "peak_reserved_bytes": "reserv",
                  "device_total_bytes": "device"}
-        print(f"{'case':<40} {'method':<6} " + " ".join(
-            f"{short[lv] + ' meas/pred MiB':>24} {'err':>7}" for lv in LEVELS) + "  status")
+        print(f"{'case':<36} {'method':<6} " + " ".join(
+            f"{short[lv] + ' meas/pred':>16} {'err':>6}" for lv in LEVELS))
         for c in rows:
             cells = []
             for lv in LEVELS:
                 m, p = c.measured.get(lv), c.predicted.get(lv)
-                cells.append(f"{_mib(m):>11}/{_mib(p):<12} {_pct(c.errors.get(lv)):>7}")
-            status = "ok" if c.ok else "FAIL: " + "; ".join(c.problems)
-            status += "".join(f" [{n}]" for n in c.notes)
-            print(f"{c.case_id:<40} {c.method:<6} " + " ".join(cells) + f"  {status}")
+                cells.append(f"{_gib(m):>7}/{_gib(p):<8} {_pct(c.errors.get(lv)):>6}")
+            name = c.case_id if len(c.case_id) <= 36 else c.case_id[:35] + "~"
+            print(f"{name:<36} {c.method:<6} " + " ".join(cells) + (" ok" if c.ok else " FAIL"))
+            for line in (*c.problems, *c.notes):
+                print(f"    {line}")
         _summary(rows)
     if by:
         from vramplan.report import evidence
@@ -215,8 +223,8 @@ def _summary(rows) -> None:
             print(f"{lv}: not measured in {unmeasured} record(s)")
 
 
-def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
 
 
 def _pct(x) -> str:

@@ -38,6 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "bytes with a unit (2GiB, 512MiB) or a percentage of the estimate (5%%)")
     p.add_argument("--calibration", default="default", help="profiles/calibration/NAME.toml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print every term of the estimate (default: the largest ones)")
     p.set_defaults(func=run_fit)
 
     t = sub.add_parser("table", help="memory per model x method and the smallest GPU that fits",
@@ -144,7 +146,7 @@ def run_fit(args: argparse.Namespace) -> int:
     from vramplan.cost import load_planner_settings
     from vramplan.planner import plan
     from vramplan.profiles import load_calibration, load_model
-    from vramplan.report.breakdown import estimate_json, render_text
+    from vramplan.report.breakdown import estimate_json, render_text, render_top_terms
     from vramplan.report.tables import render_fit_text
     from vramplan.sharding import sharded_view
 
@@ -166,7 +168,7 @@ def run_fit(args: argparse.Namespace) -> int:
     print(render_fit_text(p, float(cost["mfu"]),
                           int(load_planner_settings()["search"]["max_gpus"])))
     print()
-    print(render_text(view))
+    print(render_text(view) if args.breakdown else render_top_terms(view))
     return 0
 
 

@@ -97,14 +97,17 @@ def read_records(path: str | Path, strict: bool = False) -> list[dict[str, Any]]
     return records
 
 
-def recorded_case_ids(path: str | Path) -> set[str]:
-    """Ids of the cases already recorded in ``path`` (empty if the file does not exist)."""
+def recorded_case_ids(path: str | Path, finished_only: bool = False) -> set[str]:
+    """Ids of the cases already recorded in ``path`` (empty if the file does not exist);
+    ``finished_only``: only those whose last record is a measurement or an out-of-memory, so
+    that failed and timed-out cases run again (``measure --resume --retry-failed``)."""
     path = Path(path)
     if not path.is_file():
         return set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncatedRecordWarning)
-        return {str(r["case_id"]) for r in read_records(path) if "case_id" in r}
+        last = {str(r["case_id"]): r.get("outcome") for r in read_records(path) if "case_id" in r}
+    return {c for c, outcome in last.items() if not finished_only or outcome in ("ok", "oom")}
 
 
 def versions() -> dict[str, str | None]:

@@ -31,7 +31,7 @@ def run_matrix(matrix_path: str | Path, device: str, out_path: str | Path, resum
                only: list[str] | str | None = None, timeout: float = DEFAULT_TIMEOUT,
                progress: TextIO | None = sys.stderr,
                workdir: str | Path | None = None,
-               snapshot: bool = False) -> list[dict[str, Any]]:
+               snapshot: bool = False, retry_failed: bool = False) -> list[dict[str, Any]]:
     """Measure every (selected) case of a matrix on ``device``; returns the new records.
 
     ``only``: case ids or fnmatch globs (list or comma string). ``timeout``: seconds per case.
@@ -42,7 +42,7 @@ def run_matrix(matrix_path: str | Path, device: str, out_path: str | Path, resum
     matrix = load_matrix(matrix_path)
     out_path = Path(out_path).resolve()
     cases = select(matrix.cases, only)
-    done = recorded_case_ids(out_path) if resume else set()
+    done = recorded_case_ids(out_path, finished_only=retry_failed) if resume else set()
     todo = [c for c in cases if c.id not in done]
     if progress and len(todo) < len(cases):
         print(f"resume: skipping {len(cases) - len(todo)} case(s) already in {out_path}",
@@ -154,6 +154,10 @@ def _run(argv: list[str], timeout: float, env: dict[str, str]) -> tuple[int, str
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         return proc.returncode, stdout, stderr, True
+    except KeyboardInterrupt:  # Ctrl-C: the worker and its children go too, nothing orphaned
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
 
 
 def _read_record(out_json: Path, stdout: str) -> dict[str, Any] | None:

@@ -95,3 +95,24 @@ def _phases(term: Any) -> str:
     if len(term.phases) >= 5:
         return "whole step"
     return ",".join(term.phases)
+
+
+TOP = 6
+
+
+def render_top_terms(e: Estimate, top: int = TOP) -> str:
+    """The few terms that make most of the device total, the three levels, and a pointer to
+    ``--breakdown`` (fit's short form)."""
+    counted = sorted(e.at_peak(), key=lambda x: -x.nbytes)
+    total = max(e.device_total_bytes, 1)
+    lines = [f"largest terms at the peak ({e.peak_phase}):"]
+    for x in counted[:top]:
+        lines.append(f"  {x.key:<38} {x.nbytes / GIB:>8.2f} GiB {100 * x.nbytes / total:>5.1f}%")
+    rest = sum(x.nbytes for x in counted[top:])
+    lines.append(f"  {'(' + str(len(counted) - top) + ' more terms)':<38} {rest / GIB:>8.2f} GiB")
+    lines += [f"peak allocated {e.peak_allocated_bytes / GIB:.2f} GiB, reserved "
+              f"{e.peak_reserved_bytes / GIB:.2f} GiB, device total {e.device_total_bytes / GIB:.2f} "
+              "GiB" + (f"; paged optimizer states {e.paged_bytes / GIB:.2f} GiB apart"
+                       if e.paged_bytes else ""),
+              "(--breakdown lists every term; `vramplan estimate` the same with its notes)"]
+    return "\n".join(lines)
