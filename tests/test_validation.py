@@ -117,3 +117,15 @@ def test_committed_optimizer_results_pass_check(root, capsys):
     calib = load_calibration("default")
     errs = [abs(compare_record(r, calib).errors["peak_allocated_bytes"]) for r in records]
     assert median(errs) <= 0.01
+
+
+def test_committed_loop_results_pass_check(root, capsys):
+    """validation/results/cpu-loops.jsonl: a hand-written loop that keeps the model output, and
+    QLoRA without prepare_model_for_kbit_training, real CPU runs within 5%."""
+    from vramplan.measure.records import read_records
+
+    path = root / "validation/results/cpu-loops.jsonl"
+    records = read_records(path)
+    assert {r["setup"]["loop"] for r in records} == {"trainer", "custom"}
+    assert {r["setup"]["kbit_prep"] for r in records} == {True, False}
+    assert main(["check", str(path), "--tolerance", TOLERANCE]) == 0

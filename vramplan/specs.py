@@ -19,6 +19,7 @@ OPTIMIZER_ALIASES = {"adamw": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit
 PRECISIONS = ("bf16", "fp16", "fp32", "mixed")
 ATTENTIONS = ("sdpa", "flash_attention_2", "eager")
 SHARDS = ("none", "zero1", "zero2", "zero3", "fsdp")
+LOOPS = ("trainer", "custom")
 #: Linear-layer names LoRA can target, across the supported families.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj",
                 "down_proj", "gate_up_proj")
@@ -113,6 +114,11 @@ class TrainSpec:
     grad_accum: int = 1
     #: gradient clipping before the optimizer step (HF Trainer max_grad_norm; 0 = off)
     max_grad_norm: float = 1.0
+    #: "trainer" (HF Trainer: the model output is dropped before backward) or "custom" (a
+    #: hand-written loop, ``outputs = model(**batch); outputs.loss.backward()``: logits kept)
+    loop: str = "trainer"
+    #: QLoRA: peft prepare_model_for_kbit_training (fp32 non-4-bit weights); False = skipped
+    kbit_prep: bool = True
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -120,6 +126,7 @@ class TrainSpec:
         _choice("precision", self.precision, PRECISIONS)
         _choice("attn", self.attn, ATTENTIONS)
         _choice("shard", self.shard, SHARDS)
+        _choice("loop", self.loop, LOOPS)
         if self.optimizer:
             _choice("optimizer", self.optimizer, OPTIMIZERS + tuple(OPTIMIZER_ALIASES))
         _require(isinstance(self.grad_accum, int) and self.grad_accum >= 1,

@@ -6,8 +6,8 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from vramplan.specs import (ATTENTIONS, METHODS, OPTIMIZER_ALIASES, OPTIMIZERS, PRECISIONS, QUANTS,
-                            SHARDS, SpecError, TrainSpec)
+from vramplan.specs import (ATTENTIONS, LOOPS, METHODS, OPTIMIZER_ALIASES, OPTIMIZERS, PRECISIONS,
+                            QUANTS, SHARDS, SpecError, TrainSpec)
 
 UserError = SpecError  # every user-facing input error is a SpecError (exit 2, one line)
 DEFAULTS = TrainSpec()
@@ -49,6 +49,12 @@ def add_train_options(p: argparse.ArgumentParser, sharding: bool = False) -> Non
                    help="attention kernel (eager saves the s x s scores)")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=d.grad_ckpt,
                    help="gradient checkpointing")
+    g.add_argument("--loop", choices=LOOPS, default=d.loop,
+                   help="trainer: HF Trainer drops the model output before backward; custom: "
+                        "outputs = model(**batch); outputs.loss.backward() keeps the logits")
+    g.add_argument("--kbit-prep", action=argparse.BooleanOptionalAction, default=d.kbit_prep,
+                   help="QLoRA: run peft prepare_model_for_kbit_training (fp32 embeddings, norms, "
+                        "lm_head); --no-kbit-prep as in snippets that skip it")
     g.add_argument("--expandable-segments", action=argparse.BooleanOptionalAction,
                    default=d.expandable_segments,
                    help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (changes reserved memory)")

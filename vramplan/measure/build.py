@@ -222,8 +222,9 @@ def _random(shape: torch.Size, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 
 def finish_model(model: Any, train: TrainSpec) -> Any:
-    """Prepare for training as a user does: k-bit prep or grad ckpt, no KV cache, LoRA, train()."""
-    if train.method == "qlora":
+    """Prepare for training as a user does: k-bit prep (QLoRA, unless kbit_prep is off) or grad
+    ckpt, no KV cache, LoRA, train()."""
+    if train.method == "qlora" and train.kbit_prep:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -87,15 +87,24 @@ def random_batch(vocab: int, train: TrainSpec, device: str) -> torch.Tensor:
 
 
 def one_step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, train: TrainSpec,
-             device: str, probe: Any) -> float:
+             device: str, probe: Any, held: dict[str, Any] | None = None) -> float:
     """One optimizer step as HF Trainer runs it, with probe phases: ``grad_accum`` micro-steps
     (forward, ``(loss / grad_accum).backward()``), ``clip_grad_norm_`` when max_grad_norm > 0,
-    ``optimizer.step()``, ``zero_grad(set_to_none=True)``. Returns the last micro-step's loss."""
+    ``optimizer.step()``, ``zero_grad(set_to_none=True)``. Returns the last micro-step's loss.
+
+    ``loop == "custom"`` is a hand-written loop: ``outputs = model(**batch)`` stays referenced
+    (in ``held``, as a loop variable would) through backward and the optimizer step, and is
+    replaced when the next forward returns; HF Trainer keeps only the loss."""
     value = 0.0
+    held = {} if held is None else held
     for _ in range(train.grad_accum):
         probe.start_phase("forward")
         with forward_context(train, device):
-            loss = model(input_ids=ids, labels=ids).loss
+            out = model(input_ids=ids, labels=ids)
+            if train.loop == "custom":
+                held["outputs"] = out  # the previous step's outputs are released only now
+            loss = out.loss
+            del out
         probe.end_phase()
         probe.start_phase("backward")
         (loss / train.grad_accum).backward()
@@ -128,15 +137,16 @@ def run_steps(model: Any, train: TrainSpec, device: str, warmup: int, measured: 
     shim = needs_shim(train, device)
     losses: list[float] = []
     t0 = time.perf_counter()
+    held: dict[str, Any] = {}  # a custom loop's `outputs` variable
     with cpu_autocast_shim() if shim else contextlib.nullcontext():
         probe.begin(model)
         try:
             for _ in range(warmup):
-                losses.append(one_step(model, opt, ids, train, device, probe))
+                losses.append(one_step(model, opt, ids, train, device, probe, held))
             t1 = time.perf_counter()
             probe.end_warmup()
             for _ in range(measured):
-                losses.append(one_step(model, opt, ids, train, device, probe))
+                losses.append(one_step(model, opt, ids, train, device, probe, held))
         finally:
             probe.stop()
     t2 = time.perf_counter()

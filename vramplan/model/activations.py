@@ -8,7 +8,7 @@ from __future__ import annotations
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, LayerCtx, Ledger, layer_ledger
 from vramplan.model.params import layer_linears, lora_tensors, param_tensors
-from vramplan.model.terms import Term
+from vramplan.model.terms import PHASES, Term
 from vramplan.specs import ModelSpec, TrainSpec
 
 FWD = ("layer_forward", "loss_forward")
@@ -160,6 +160,10 @@ def logits_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     if m.final_logit_softcapping:
         terms.append(Term("activations.logit_softcap", e_l * nv, "e_l * N * V",
                           "Gemma2 tanh soft-capping saves its output", phases=LOSS))
+    if t.loop == "custom":
+        terms.append(Term("activations.kept_output_logits", e_l * nv, "e_l * N * V",
+                          "a hand-written loop keeps `outputs` (its logits) through backward and "
+                          "the optimizer step, until the next forward returns", phases=PHASES))
     return tuple(terms)
 
 

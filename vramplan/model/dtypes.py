@@ -34,7 +34,8 @@ def dtypes_for(train: TrainSpec, device: str = "cuda") -> Dtypes:
     - LoRA/QLoRA load the base in bf16 for mixed/bf16, else the named dtype; peft upcasts adapters
       to fp32 (``PeftModel(autocast_adapter_dtype=True)`` → ``cast_adapter_dtype``).
     - QLoRA: ``prepare_model_for_kbit_training`` casts every non-Params4bit fp16/bf16 parameter to
-      fp32, so the norms output fp32 and the residual stream is fp32 (PHYSICS-REFERENCE §2).
+      fp32, so the norms output fp32 and the residual stream is fp32 (PHYSICS-REFERENCE §2);
+      without it (``kbit_prep=False``) they stay in the load dtype.
     """
     p = _PRECISION_BYTES[train.precision]
     autocast = train.precision == "mixed"
@@ -44,7 +45,7 @@ def dtypes_for(train: TrainSpec, device: str = "cuda") -> Dtypes:
     else:
         load = p
         trainable = 4
-    nonquant = 4 if train.method == "qlora" else load
+    nonquant = 4 if train.method == "qlora" and train.kbit_prep else load
     residual = nonquant
     compute = 2 if autocast else load
     return Dtypes(autocast=autocast, compute=compute, load=load, nonquant=nonquant,

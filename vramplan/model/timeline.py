@@ -177,7 +177,7 @@ def build(r: Run, lay: Layout) -> None:
         if x.kind == "lm_head":
             r.new("w.lm_head", x.numel * load)
             nonq.append(("lm_head", x.numel))
-    if t.method == "qlora":
+    if t.method == "qlora" and t.kbit_prep:
         if d.nonquant != load:
             for key, n in nonq:
                 r.new("w32." + key, n * d.nonquant)
@@ -379,7 +379,11 @@ def loss_forward(r: Run, lay: Layout) -> None:
     if e_l != FP32:
         r.new("logits32", FP32 * nv)
     r.new("log_softmax", FP32 * nv)
-    r.drop("logits32", "logits")
+    if t.loop == "custom":  # `outputs = model(...)`: the new output replaces the previous one
+        r.drop("logits32", "logits.kept")
+        r.live["logits.kept"] = r.live.pop("logits")
+    else:
+        r.drop("logits32", "logits")
     r.drop_group("cache")  # autocast's weight cache is cleared when the forward exits
 
 

@@ -74,8 +74,9 @@ def weight_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
              else "4 * out_features per layer (SCB)",
              "bitsandbytes functional.quantize_4bit / QuantState"),
         Term("weights.unquantized_fp32", p_nonq * d.nonquant,
-             "P_nonq * 4 (embeddings, lm_head, norms, biases, router, experts)",
-             "peft prepare_model_for_kbit_training casts non-Params4bit fp16/bf16 params to fp32"),
+             f"P_nonq * {d.nonquant} (embeddings, lm_head, norms, biases, router, experts)",
+             "peft prepare_model_for_kbit_training casts non-Params4bit fp16/bf16 params to fp32"
+             if t.kbit_prep else "kept in the load dtype: prepare_model_for_kbit_training skipped"),
     )
 
 
