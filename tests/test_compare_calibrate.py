@@ -72,3 +72,22 @@ def test_calibrate_refuses_analytic_terms_and_the_retired_slack():
         check_fittable(["non_allocator", "weights.base"])
     with pytest.raises(SpecError, match="allocator replay"):
         check_fittable(["allocator_slack"])
+
+
+def test_calibrate_refuses_a_fit_worse_than_its_base(calib):
+    """Records whose device level sits 700 MiB above reserved, fitted from a base that already
+    says 700 MiB: fine. The same records against a base of 900 MiB are also fine (the fit is
+    better); a base that matches them better than the median does makes the fit refused."""
+    records = []
+    for seq, extra in ((512, 600), (1024, 700), (2048, 701)):
+        r = record(calib, method="lora", optimizer="adamw")
+        r["setup"]["seq_len"] = seq
+        est = estimate_for(r, calib)
+        res = est.peak_reserved_bytes
+        r["measured"] = {"peak_allocated_bytes": est.peak_allocated_bytes,
+                         "peak_reserved_bytes": res, "device_total_bytes": res + extra * 2**20}
+        r["case_id"] = f"s{seq}"
+        records.append(r)
+    assert fit(records, base={**calib, "non_allocator": {"bytes": 900 * 2**20}})
+    with pytest.raises(SpecError, match="worse than the base"):
+        fit(records, base={**calib, "non_allocator": {"bytes": 650 * 2**20}})

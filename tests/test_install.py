@@ -34,5 +34,6 @@ def test_wheel_in_a_fresh_venv_without_torch_answers_from_another_folder(root, t
     assert "llama-2-70b" in run("profiles")
     assert "device total" in run("estimate", "llama-2-7b")
     assert "smallest GPU that fits" in run("fit", "llama-2-7b", "--gpus", "rtx-4090,h200")
+    assert "139.80" in run("gpus")
     probe = subprocess.run([str(bin_dir / "python"), "-c", "import torch"], capture_output=True)
     assert probe.returncode != 0  # the estimator needed none of the heavy libraries

@@ -177,3 +177,33 @@ def test_filtered_gpus_answer_about_those_gpus(capsys):
     assert main(["fit", "llama-2-70b", "--method", "full", "--gpus", "rtx-4090"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "GPU asked about" in first and "catalog" not in first
+
+
+def test_suggest_ranks_quality_first_and_every_suggestion_fits_as_reported(calib):
+    from vramplan.planner import QUALITY, suggest
+
+    m, g = load_model("llama-3.1-8b"), load_gpu("rtx-4090")
+    rows = suggest(m, g, calib)
+    assert rows and all(s.train.method != "full" for s in rows)  # 8B full needs >100 GiB
+    keys = [(QUALITY[s.train.method], -s.max_seq_len) for s in rows]
+    assert keys == sorted(keys)  # quality first, then the longest sequence
+    for s in rows:
+        t = replace(s.train, seq_len=s.max_seq_len)
+        assert search_fits(m, t, g, calib, "seq_len", s.train.seq_len)
+
+
+def test_suggest_on_a_card_without_bf16_uses_fp16(calib):
+    from vramplan.planner import suggest
+
+    rows = suggest(load_model("qwen2.5-0.5b"), load_gpu("t4"), calib)
+    assert rows and {s.train.precision for s in rows} == {"fp16"}
+    assert rows[0].train.method == "full"  # 0.5B full fine-tuning fits a T4 in fp16
+
+
+def test_suggest_cli(capsys):
+    from vramplan.cli import main
+
+    assert main(["suggest", "llama-3.1-8b", "--gpus", "rtx-4090"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("On NVIDIA GeForce RTX 4090") and "qlora" in out
+    assert main(["suggest", "llama-3.1-8b", "--gpus", "rtx-4090,h200"]) == 2

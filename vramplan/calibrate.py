@@ -77,6 +77,12 @@ def fit(records: Sequence[Mapping[str, Any]], names: Sequence[str] = FITTABLE,
                       f"(min {min(gaps) / 2**20:.0f} MiB, max {max(gaps) / 2**20:.0f} MiB)"},
     }
     out["verdict"] = device_error(records, {**base, **out})
+    if "non_allocator" in base:
+        before = device_error(records, base)["device_error"]
+        if out["verdict"]["device_error"] > before:
+            raise SpecError(f"refusing the fit: on these records its worst device-level error "
+                            f"({out['verdict']['device_error']:.1%}) is worse than the base "
+                            f"calibration's ({before:.1%})")
     return out
 
 

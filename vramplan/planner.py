@@ -308,3 +308,44 @@ def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: ShardedEstimate
         out += (f" Tight on {f.gpu.name} ({f.gpu.capacity_bytes / GIB:.2f} GiB usable, "
                 f"{f.headroom_bytes / GIB:+.2f} GiB headroom): {f.verdict.reason}.")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Suggestion:
+    """One way to fine-tune a model on one GPU: the setup and the most it allows."""
+
+    train: TrainSpec
+    max_seq_len: int | None  # at the setup's batch
+    max_batch: int | None  # at the setup's seq_len
+    verdict: Verdict  # at the setup's own seq_len and batch
+
+
+#: What people most likely want first: the most trainable capacity (full > LoRA > QLoRA).
+QUALITY = {"full": 0, "lora": 1, "qlora": 2}
+SUGGEST_RANKS = (64, 16)
+
+
+def suggest(model: ModelSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+            base: TrainSpec = TrainSpec(), margin: Margin = Margin()) -> list[Suggestion]:
+    """What runs on ``gpu``: every method x checkpointing (x LoRA rank 64/16) that fits at least
+    one sequence, ranked quality first (full > LoRA > QLoRA), then the longest sequence, then
+    the larger rank, then without checkpointing (faster). bf16 setups become fp16 on GPUs
+    without bf16 (T4, V100)."""
+    precision = base.precision
+    if not gpu.has_bf16 and precision in BF16_PRECISIONS:
+        precision = "fp16"
+    out = []
+    for method in ("full", "lora", "qlora"):
+        ranks = (base.lora_r,) if method == "full" else SUGGEST_RANKS
+        for r in ranks:
+            for ckpt in (True, False):
+                t = replace(base, method=method, lora_r=r, grad_ckpt=ckpt, precision=precision,
+                            optimizer="" if base.optimizer in ("",) else base.optimizer)
+                seq = max_seq_len(model, t, gpu, calib, margin)
+                if seq is None:
+                    continue
+                out.append(Suggestion(t, seq, max_batch(model, t, gpu, calib, margin),
+                                      verdict(per_gpu(model, t, calib), gpu, calib, margin)))
+    out.sort(key=lambda s: (QUALITY[s.train.method], -(s.max_seq_len or 0), -s.train.lora_r,
+                            s.train.grad_ckpt))
+    return out

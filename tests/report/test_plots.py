@@ -39,3 +39,25 @@ def test_cli_writes_a_png(tmp_path, capsys, argv):
     assert main([*argv, "--out", str(out)]) == 0
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size[0] > 100
+
+
+def test_breakdown_has_a_setup_subtitle_value_labels_and_a_log_axis_when_one_bar_dwarfs(calib):
+    m = load_model("llama-2-70b")
+    by = {k: per_gpu(m, TrainSpec(method=k), calib) for k in ("full", "lora", "qlora")}
+    ax = plot_breakdown(m.name, by).axes[0]
+    assert "seq 2048" in ax.get_title() and "grad ckpt on" in ax.get_title()
+    labels = [t.get_text() for t in ax.texts]
+    assert sum(x.endswith(" GiB") for x in labels) == 3
+    assert ax.get_yscale() == "log"  # full fine-tuning is >20x QLoRA here
+    top = max(float(x.split()[0]) for x in labels if x.endswith(" GiB"))
+    assert ax.get_ylim()[1] > top  # the labels fit inside the axes
+
+
+def test_maxseq_says_so_when_nothing_fits():
+    ax = plot_maxseq("llama-2-70b", "qlora", [("rtx-4090", None), ("t4", None)]).axes[0]
+    assert any("nothing fits" in t.get_text() for t in ax.texts)
+
+
+def test_maxseq_value_labels_fit_inside_the_axes():
+    ax = plot_maxseq("m", "qlora", [("a", 4096), ("b", 100_000)]).axes[0]
+    assert ax.get_xlim()[1] > 100_000

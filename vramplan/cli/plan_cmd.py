@@ -63,6 +63,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="PNG path")
     q.set_defaults(func=run_plot)
 
+    g = sub.add_parser("suggest", help="what can I run on this card: methods, ranks, max seq/batch",
+                       description="The other question: given a GPU, which ways of fine-tuning "
+                                   "MODEL fit, and how far each goes; ranked quality first (full > "
+                                   "LoRA > QLoRA), then the longest sequence.",
+                       epilog="examples:\n  vramplan suggest llama-3.1-8b --gpus rtx-4090\n"
+                              "  vramplan suggest qwen2.5-7b --gpus 24GiB --seq-len 4096",
+                       formatter_class=Formatter)
+    g.add_argument("model", metavar="MODEL")
+    g.add_argument("--gpus", required=True, help="one catalog slug or your card's usable memory")
+    g.add_argument("--seq-len", type=int, default=2048, help="the sequence length for max batch")
+    g.add_argument("--margin", default="0", help="extra headroom, as for fit")
+    g.add_argument("--calibration", default="default")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=run_suggest)
+
     d = sub.add_parser("docs", help="regenerate docs/ (tables, plots, the seed's claims)",
                        formatter_class=Formatter)
     d.add_argument("--out", default="docs", help="output folder")
@@ -196,7 +211,7 @@ def run_plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     from vramplan.planner import max_seq_len, per_gpu
     from vramplan.profiles import load_calibration, load_model
-    from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png
+    from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png, setup_line
 
     from vramplan.cli.common import output_path
 
@@ -209,7 +224,7 @@ def run_plot(args: argparse.Namespace) -> int:
     else:
         train = train_from_args(args)
         rows = [(g.key, max_seq_len(model, train, g, calib)) for g in select_gpus(args.gpus)]
-        fig = plot_maxseq(model.name, train.method, rows)
+        fig = plot_maxseq(model.name, train.method, rows, setup_line(train))
     save_png(fig, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -246,4 +261,46 @@ def run_docs(args: argparse.Namespace) -> int:
         paths.append(readme)
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    from vramplan.planner import suggest
+    from vramplan.profiles import load_calibration, load_model
+    from vramplan.specs import TrainSpec
+
+    gpus = select_gpus(args.gpus)
+    if len(gpus) != 1:
+        raise SpecError("suggest answers for one GPU: give one slug or size in --gpus")
+    gpu, margin = gpus[0], parse_margin(args.margin)
+    model = load_model(args.model)
+    rows = suggest(model, gpu, load_calibration(args.calibration), TrainSpec(seq_len=args.seq_len),
+                   margin)
+    if args.json:
+        print(json.dumps([{"setup": s.train.as_dict(), "max_seq_len": s.max_seq_len,
+                           "max_batch": s.max_batch, "verdict": s.verdict.word} for s in rows],
+                         indent=2))
+        return 0
+    if not rows:
+        print(f"Nothing fits {model.name} on {gpu.name} ({gpu.capacity_bytes / 2**30:.2f} GiB "
+              "usable), not even QLoRA at one token: look at `vramplan fit` for GPU counts.")
+        return 0
+    best = rows[0]
+    print(f"On {gpu.name} ({gpu.capacity_bytes / 2**30:.2f} GiB usable), {model.name} fits best "
+          f"as {best.train.method}" + (f" r={best.train.lora_r}" if best.train.method != "full"
+                                       else "") +
+          f", grad ckpt {'on' if best.train.grad_ckpt else 'off'}: up to "
+          f"{best.max_seq_len:,} tokens per sequence.")
+    print()
+    head = f"{'#':>2}  {'method':<6} {'r':>3}  {'ckpt':<4} {'precision':<9} {'max seq':>8} " \
+           f"{'max batch @' + str(args.seq_len):>16}  verdict @{args.seq_len}"
+    print(head)
+    for i, s in enumerate(rows, 1):
+        t = s.train
+        print(f"{i:>2}  {t.method:<6} {t.lora_r if t.method != 'full' else '-':>3}  "
+              f"{'on' if t.grad_ckpt else 'off':<4} {t.precision:<9} {s.max_seq_len or 0:>8,} "
+              f"{s.max_batch if s.max_batch is not None else '-':>16}  {s.verdict.word}")
+    print()
+    print("max seq at batch 1, max batch at the given --seq-len, everything else at the seed's "
+          "defaults (optimizer: adamw_torch_fused, paged_adamw_32bit for QLoRA).")
     return 0

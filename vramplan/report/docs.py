@@ -264,7 +264,7 @@ def write_docs(out: Path, gpus: Sequence[GpuSpec], calib: Mapping[str, Any],
 
 def write_plots(out: Path, gpus: Sequence[GpuSpec], calib: Mapping[str, Any]) -> list[Path]:
     from vramplan.planner import max_seq_len
-    from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png
+    from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png, setup_line
 
     m = load_model(PLOT_MODEL)
     by_method = {k: per_gpu(m, TrainSpec(method=k), calib) for k in METHODS}
@@ -274,5 +274,5 @@ def write_plots(out: Path, gpus: Sequence[GpuSpec], calib: Mapping[str, Any]) ->
     train = TrainSpec(method=PLOT_METHOD)
     rows = [(g.key, max_seq_len(m, train, g, calib)) for g in gpus]
     p2 = out / f"maxseq-{PLOT_MODEL}-{PLOT_METHOD}.png"
-    save_png(plot_maxseq(PLOT_MODEL, PLOT_METHOD, rows), str(p2))
+    save_png(plot_maxseq(PLOT_MODEL, PLOT_METHOD, rows, setup_line(train)), str(p2))
     return [p1, p2]
