@@ -19,13 +19,10 @@ run). Causal masking is not halved (Kaplan's convention).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 from vramplan.model.params import param_tensors
-from vramplan.profiles import profiles_dir
+from vramplan.profiles import load_planner_settings
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 
 TOKENS_PER_BILLION = 10**9
@@ -39,25 +36,11 @@ BACKWARD_FULL = 2
 BACKWARD_FROZEN = 1
 
 
-@lru_cache(maxsize=None)
-def load_planner_settings() -> dict[str, Any]:
-    """profiles/planner.toml: search bounds and the assumed MFU with its source."""
-    with (profiles_dir() / "planner.toml").open("rb") as fh:
-        return tomllib.load(fh)
-
-
-@lru_cache(maxsize=None)
-def _gpu_table() -> dict[str, dict[str, Any]]:
-    with (profiles_dir() / "gpus.toml").open("rb") as fh:
-        return tomllib.load(fh)["gpu"]
-
-
 def peak_tflops(gpu: GpuSpec) -> tuple[float | None, str]:
     """(dense peak TFLOPS, "bf16" | "fp16") of a catalog GPU; fp16 where it has no bf16 (T4, V100)."""
     if gpu.bf16_tflops:
         return gpu.bf16_tflops, "bf16"
-    fp16 = _gpu_table().get(gpu.key, {}).get("fp16_tflops")
-    return (float(fp16), "fp16") if fp16 else (None, "")
+    return (gpu.fp16_tflops, "fp16") if gpu.fp16_tflops else (None, "")
 
 
 def matmul_params(m: ModelSpec) -> int:

@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from vramplan.cost import CostEstimate, cost_per_billion_tokens, load_planner_settings
+from vramplan.cost import CostEstimate, cost_per_billion_tokens
+from vramplan.profiles import load_planner_settings
 from vramplan.model.estimate import Estimate, estimate
 from vramplan.sharding import ShardedEstimate, shard_estimate
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec

@@ -253,8 +253,16 @@ def load_gpus() -> dict[str, GpuSpec]:
                          tflops_source=g.get("tflops_source", ""),
                          price_source=g.get("price_source", ""),
                          cuda_capacity_bytes=int(g.get("cuda_capacity_bytes", 0)),
-                         cuda_capacity_source=g.get("cuda_capacity_source", ""))
+                         cuda_capacity_source=g.get("cuda_capacity_source", ""),
+                         fp16_tflops=g.get("fp16_tflops"))
             for key, g in data["gpu"].items()}
+
+
+@lru_cache(maxsize=None)
+def load_planner_settings() -> dict[str, Any]:
+    """profiles/planner.toml: search bounds and the assumed MFU with its source."""
+    with (profiles_dir() / "planner.toml").open("rb") as fh:
+        return tomllib.load(fh)
 
 
 def load_gpu(key: str) -> GpuSpec:

@@ -199,6 +199,7 @@ class GpuSpec:
     #: capacity" of PyTorch's OOM message), below the NVML total; 0 = unknown (use memory_bytes).
     cuda_capacity_bytes: int = 0
     cuda_capacity_source: str = ""
+    fp16_tflops: float | None = None  # dense fp16 tensor TFLOPS, for GPUs without bf16
 
     def __post_init__(self) -> None:
         _require(self.memory_bytes > 0, f"gpu {self.key}: memory_bytes must be positive")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from vramplan.specs import (ATTENTIONS, LOOPS, METHODS, OPTIMIZER_ALIASES, OPTIMIZERS, PRECISIONS,
@@ -76,11 +77,10 @@ def train_from_args(args: argparse.Namespace, **override: Any) -> TrainSpec:
     return TrainSpec(**values)
 
 
-def output_path(value: str, suffixes: tuple[str, ...] = ()) -> "Path":
+def output_path(value: str, suffixes: tuple[str, ...] = ()) -> Path:
     """An output file that can be written, checked before any work starts: its folder exists and
     is writable, it is not a folder, and it has one of ``suffixes`` (when given)."""
     import os
-    from pathlib import Path
 
     path = Path(value)
     if suffixes and path.suffix.lower() not in suffixes:

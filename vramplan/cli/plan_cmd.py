@@ -158,7 +158,7 @@ def _methods(value: str) -> list[str]:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from vramplan.cost import load_planner_settings
+    from vramplan.profiles import load_planner_settings
     from vramplan.planner import plan
     from vramplan.profiles import load_calibration, load_model
     from vramplan.report.breakdown import estimate_json, render_text, render_top_terms
