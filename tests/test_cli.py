@@ -62,6 +62,7 @@ BAD = {
     "negative max grad norm": ["estimate", "llama-2-7b", "--max-grad-norm", "-1"],
     "own card without unit": ["fit", "llama-2-7b", "--gpus", "24 parsecs"],
     "unknown gpu in fit": ["fit", "llama-2-7b", "--gpus", "h300"],
+    "docs into an unwritable folder": ["docs", "--out", "/proc/vramplan-docs"],
 }
 
 

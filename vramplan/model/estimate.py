@@ -171,8 +171,11 @@ def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str)
     if t.precision == "mixed":
         notes.append("mixed = bf16 autocast around the forward (HF Trainer bf16=True)")
     if m.is_moe:
-        notes.append("MoE experts are fused 3-D parameters in transformers 5.x: not quantised, "
-                     "not LoRA targets")
+        notes.append("MoE experts are fused 3-D parameters in transformers 5.x: bitsandbytes does "
+                     "not quantise them (it replaces nn.Linear only), so QLoRA keeps them in fp32 "
+                     "after prepare_model_for_kbit_training, above LoRA's bf16 copy; with "
+                     "all-linear, peft adapts them through target_parameters (counted in the "
+                     "trainable parameters)")
     if t.attn != "eager":
         notes.append(f"{t.attn}: no s x s score matrix is saved (logsumexp only)")
     opt = t.resolved_optimizer

@@ -193,10 +193,16 @@ def hardware_markdown(title: str, models: Sequence[str], gpus: Sequence[GpuSpec]
         cell = _measured_cell(records, c.model, replace(train, method=c.method), GIB)
         if cell != "-":
             rows.append([c.model, c.method, f"{c.device_total_bytes / GIB:.1f}", cell])
+    moe = [name for name in models if load_model(name).is_moe]
+    note = "" if not moe else (
+        f"\n\n{', '.join(moe)}: QLoRA needs more than LoRA because transformers 5.x keeps MoE "
+        "experts as fused 3-D parameters, which bitsandbytes does not quantise and "
+        "prepare_model_for_kbit_training casts to fp32 (LoRA keeps them in bf16).")
     measured = "" if not rows else (
         "\n\nMeasured beside the estimate (device total, GiB; validation/results/):\n\n" +
         markdown(["model", "method", "estimate (GiB)", "measured (GiB)"], rows))
-    return f"{HEADER}# {title}\n\n{render_table(t, 'md')}{measured}\n\nReproduce: `{cmd}`\n"
+    return (f"{HEADER}# {title}\n\n{render_table(t, 'md')}{note}{measured}\n\n"
+            f"Reproduce: `{cmd}`\n")
 
 
 def index_markdown() -> str:
@@ -230,8 +236,16 @@ def check_docs_folder(out: Path, force: bool = False) -> None:
     user's own docs/index.md), unless ``force``; a missing or empty folder is fine."""
     from vramplan.specs import SpecError
 
+    import os
+
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise SpecError(f"--out {out}: cannot write there")
     if force or not out.is_dir():
         return
     ours = set(markdown_docs_names()) | {f"breakdown-{PLOT_MODEL}.png",
