@@ -38,9 +38,11 @@ def test_oom_that_the_model_says_fits_fails(calib):
     assert compare_record(r, calib).ok
 
 
-def test_calibrate_recovers_the_constant_outside_the_allocator(calib):
+def records_outside_the_allocator(calib, extras_mib):
+    """CUDA records at seq 512/1024/2048 whose device total sits the given MiB above their
+    (exactly predicted) reserved level."""
     records = []
-    for seq, extra in ((512, 700), (1024, 701), (2048, 720)):
+    for seq, extra in zip((512, 1024, 2048), extras_mib):
         r = record(calib, method="lora", optimizer="adamw")
         r["setup"]["seq_len"] = seq
         est = estimate_for(r, calib)
@@ -49,6 +51,11 @@ def test_calibrate_recovers_the_constant_outside_the_allocator(calib):
                          "peak_reserved_bytes": res, "device_total_bytes": res + extra * 2**20}
         r["case_id"] = f"s{seq}"
         records.append(r)
+    return records
+
+
+def test_calibrate_recovers_the_constant_outside_the_allocator(calib):
+    records = records_outside_the_allocator(calib, (700, 701, 720))
     out = fit(records, base=calib)
     assert out["non_allocator"]["bytes"] == 701 * 2**20  # the median, robust to the 720
     assert out["fitted_on"] == ["s512", "s1024", "s2048"]
@@ -78,16 +85,7 @@ def test_calibrate_refuses_a_fit_worse_than_its_base(calib):
     """Records whose device level sits 700 MiB above reserved, fitted from a base that already
     says 700 MiB: fine. The same records against a base of 900 MiB are also fine (the fit is
     better); a base that matches them better than the median does makes the fit refused."""
-    records = []
-    for seq, extra in ((512, 600), (1024, 700), (2048, 701)):
-        r = record(calib, method="lora", optimizer="adamw")
-        r["setup"]["seq_len"] = seq
-        est = estimate_for(r, calib)
-        res = est.peak_reserved_bytes
-        r["measured"] = {"peak_allocated_bytes": est.peak_allocated_bytes,
-                         "peak_reserved_bytes": res, "device_total_bytes": res + extra * 2**20}
-        r["case_id"] = f"s{seq}"
-        records.append(r)
+    records = records_outside_the_allocator(calib, (600, 700, 701))
     assert fit(records, base={**calib, "non_allocator": {"bytes": 900 * 2**20}})
     with pytest.raises(SpecError, match="worse than the base"):
         fit(records, base={**calib, "non_allocator": {"bytes": 650 * 2**20}})
