@@ -1,0 +1,152 @@
+"""What the allocator replay needs of a model and setup, resolved once: the layer's parameters,
+its LoRA targets, the byte sizes of a decoder layer's forward and backward as operations (from the
+:mod:`vramplan.model.ledger` events), and the trainable tensors in the optimizer's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from vramplan.model.dtypes import Dtypes
+from vramplan.model.ledger import FP32, Ledger
+from vramplan.model.params import Tensor, layer_linears, lora_tensors, param_tensors
+from vramplan.model.weights import BNB_4BIT_BLOCKSIZE, BNB_DQ_BLOCKSIZE
+from vramplan.specs import ModelSpec, TrainSpec
+from vramplan.units import ceil_div
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What the replay needs of a model and setup, resolved once."""
+
+    m: ModelSpec
+    t: TrainSpec
+    d: Dtypes
+    led: Ledger
+    linears: dict  # name -> Linear
+    adapted: frozenset  # linear names with LoRA adapters
+    layer_params: tuple  # one layer's parameter tensors in named_parameters order
+    device: str
+    program: "LayerProgram | None" = None
+
+    @property
+    def n_tok(self) -> int:
+        return self.t.seq_len * self.t.batch
+
+
+def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> Layout:
+    L = m.num_hidden_layers
+    per = []
+    for x in param_tensors(m):
+        if x.count % L == 0 and x.kind in ("linear", "bias", "norm", "router", "expert"):
+            per += [Tensor(x.name, x.numel, 1, x.kind, x.shape)] * (x.count // L)
+    lins = {lin.name: lin for lin in layer_linears(m)}
+    adapted = frozenset(x.name.rsplit(".", 1)[0] for x in lora_tensors(m, t)
+                        if x.name.rsplit(".", 1)[0] in lins)
+    lay = Layout(m, t, d, led, lins, adapted, tuple(per), device)
+    return replace(lay, program=layer_program(lay))
+
+
+def quant_pieces(n: int, double_quant: bool) -> tuple[int, int, int, int]:
+    """(packed, fp32 absmax, uint8 absmax, second-level fp32 absmax) bytes of a 4-bit weight
+    (bitsandbytes ``quantize_4bit``; with double quant ``quantize_blockwise(absmax - offset)``)."""
+    blocks = ceil_div(n, BNB_4BIT_BLOCKSIZE)
+    if not double_quant:
+        return ceil_div(n, 2), 4 * blocks, 0, 0
+    return ceil_div(n, 2), 4 * blocks, blocks, 4 * ceil_div(blocks, BNB_DQ_BLOCKSIZE)
+
+
+def trainable_order(lay: Layout) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of every trainable tensor in parameter order (the optimizer's order)."""
+    m, t = lay.m, lay.t
+    L = m.num_hidden_layers
+    if t.method != "full":
+        lt = lora_tensors(m, t)
+        return [(f"{i}.{x.name}", x) for i in range(L) for x in lt if x.count == L]
+    tensors = param_tensors(m)
+    out = [("embed", next(x for x in tensors if x.kind == "embed"))]
+    out += [(f"{i}.{j}", x) for i in range(L) for j, x in enumerate(lay.layer_params)]
+    out += [("final_norm", x) for x in tensors if x.name == "final_norm"]
+    out += [("lm_head", x) for x in tensors if x.kind == "lm_head"]
+    return out
+
+
+def linear_weights(lay: Layout, name: str) -> list[tuple[str, int]]:
+    """(suffix, numel) of the trainable weights used by one linear call: the full weight (and
+    bias) in full fine-tuning, lora_A and lora_B when adapted, nothing otherwise."""
+    lin = lay.linears[name]
+    if lay.t.method == "full":
+        out = [("", lin.weight_params)]
+        return out + [(".bias", lin.out_features)] if lin.bias else out
+    if name in lay.adapted:
+        r = lay.t.lora_r
+        return [(".lora_A", r * lin.in_features), (".lora_B", r * lin.out_features)]
+    return []
+
+
+def dequant_bytes(lay: Layout, name: str) -> int:
+    """The bf16 weight ``dequantize_4bit`` makes for one 4-bit matmul (+ fp32 absmax with DQ)."""
+    n = lay.linears[name].weight_params
+    return n * lay.d.compute + (4 * ceil_div(n, BNB_4BIT_BLOCKSIZE) if lay.t.double_quant else 0)
+
+
+def merged_experts_bytes(lay: Layout) -> int:
+    """peft ParamWrapper's merged W + B·A copy of a layer's expert stacks (see
+    :func:`activations.moe_merged_expert_terms`); 0 unless LoRA all-linear on an MoE."""
+    m, t = lay.m, lay.t
+    if not m.is_moe or t.method == "full" or t.target_modules() is not None:
+        return 0
+    return 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * lay.d.nonquant
+
+
+def other_grads(lay: Layout) -> list[tuple[str, int]]:
+    """A layer's trainable tensors that no nn.Linear call covers: norms, router and fused
+    experts in full fine-tuning; the router and expert LoRA factors of an MoE under LoRA."""
+    if lay.t.method == "full":
+        return [(f"p{j}", x.numel) for j, x in enumerate(lay.layer_params)
+                if x.kind in ("norm", "router", "expert")]
+    return [(x.name, x.numel) for x in lora_tensors(lay.m, lay.t)
+            if x.count == lay.m.num_hidden_layers and x.name.rsplit(".", 1)[0] not in lay.linears]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerProgram:
+    """A decoder layer's forward and backward as byte-sized operations, resolved once per
+    replay from the ledger's events (every layer runs the same program)."""
+
+    forward: tuple  # ("save", name, bytes) | ("dequant", bytes) | ("cast", name, bytes)
+    #                 | ("temp", (bytes, ...))
+    backward: tuple  # ("drop", name) | ("linear", first, dequant bytes, ((name, grad bytes), ...))
+
+
+def layer_program(lay: Layout) -> LayerProgram:
+    n, d = lay.n_tok, lay.d
+    qlora = lay.t.method == "qlora" and lay.t.quant != "int8"
+    casts = d.autocast and d.trainable == FP32  # autocast's bf16 copies of fp32 weights
+    fwd: list[tuple] = []
+    bwd: list[tuple] = []
+    for kind, what in lay.led.events:
+        if kind == "save" and what != "layer_in":
+            fwd.append(("save", what, lay.led.saved[what] * n))
+        elif kind == "linear":
+            if qlora:
+                fwd.append(("dequant", dequant_bytes(lay, what)))
+            if casts:
+                fwd += [("cast", what + suffix, numel * d.compute)
+                        for suffix, numel in linear_weights(lay, what)]
+        elif kind == "temp":
+            fwd.append(("temp", tuple(x * n for x in what)))
+    first = True
+    for kind, what in reversed(lay.led.events):
+        if kind == "save" and what != "layer_in":
+            bwd.append(("drop", what))
+        elif kind == "linear":
+            grads = tuple((what + suffix, numel * d.trainable)
+                          for suffix, numel in linear_weights(lay, what))
+            bwd.append(("linear", first, dequant_bytes(lay, what) if qlora else 0, grads))
+            first = False
+    return LayerProgram(tuple(fwd), tuple(bwd))
+
+
+def logits_bytes(lay: Layout) -> int:
+    d, t = lay.d, lay.t
+    return d.compute if d.autocast else (d.trainable if t.method == "full" else d.nonquant)
