@@ -167,9 +167,9 @@ class CachingAllocator:
             while i < len(keys) and keys[i] in taken:
                 i += 1
             j = bisect_left(extra, (n, -1))
-            pick = min((k for k in (keys[i] if i < len(keys) else None,
-                                    extra[j] if j < len(extra) else None) if k is not None),
-                       default=None)
+            a = keys[i] if i < len(keys) else None
+            b = extra[j] if j < len(extra) else None
+            pick = b if a is None else a if b is None or a < b else b
             if pick is None:
                 b = self._grow(n, small, tag)  # a whole free segment (or the grown free tail)
                 self.pools[small].add(b)
