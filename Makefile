@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[harness,report,plots,dev]'
+	# bytecode once at install, so that a cold command does not recompile the package (this
+	# machine sets PYTHONDONTWRITEBYTECODE, which stops Python writing it on first import)
+	$(BIN)/python -m compileall -q vramplan
 	touch $(STAMP)
 
 install: $(STAMP)
