@@ -119,3 +119,11 @@ def test_csv_round_trips_through_pandas_without_options(table):
     assert back["params"].tolist() == df["params"].tolist()
     assert back["smallest_gpu_memory_bytes"].astype("Int64").tolist() == \
         df["smallest_gpu_memory_bytes"].tolist()
+
+
+def test_csv_names_both_the_total_and_the_usable_memory_of_the_smallest_gpu(table):
+    rows = list(csv.DictReader(io.StringIO(render_table(table, "csv"))))
+    for r in rows:
+        if r["smallest_gpu"]:
+            assert int(r["smallest_gpu_capacity_bytes"]) < int(r["smallest_gpu_memory_bytes"])
+            assert int(r["device_total_bytes"]) <= int(r["smallest_gpu_capacity_bytes"])

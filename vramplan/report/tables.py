@@ -20,7 +20,7 @@ from vramplan.units import GIB
 FORMATS = ("md", "csv", "html", "json")
 MISSING = "-"
 CSV_COLUMNS = ("model", "params", "method", "device_total_bytes", "smallest_gpu",
-               "smallest_gpu_memory_bytes")
+               "smallest_gpu_memory_bytes", "smallest_gpu_capacity_bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,8 @@ class Cell:
         return {"model": self.model, "params": self.params, "method": self.method,
                 "device_total_bytes": self.device_total_bytes,
                 "smallest_gpu": self.gpu.key if self.gpu else None,
-                "smallest_gpu_memory_bytes": self.gpu.memory_bytes if self.gpu else None}
+                "smallest_gpu_memory_bytes": self.gpu.memory_bytes if self.gpu else None,
+                "smallest_gpu_capacity_bytes": self.gpu.capacity_bytes if self.gpu else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,8 @@ class MemoryTable:
 
         pd = pandas()
         df = pd.DataFrame([c.as_dict() for c in self.cells], columns=CSV_COLUMNS)
-        df["smallest_gpu_memory_bytes"] = df["smallest_gpu_memory_bytes"].astype("Int64")
+        for col in ("smallest_gpu_memory_bytes", "smallest_gpu_capacity_bytes"):
+            df[col] = df[col].astype("Int64")
         df.attrs.update(caption=self.caption, settings=dict(self.settings))
         return df
 
