@@ -41,9 +41,7 @@ class Estimate:
     def at_peak(self) -> tuple[Term, ...]:
         """The terms counted in the device total: live in the peak phase, or at the reserved or
         device level. Paged states are not among them (see ``paged_bytes``)."""
-        return tuple(x for x in self.breakdown.terms
-                     if x.level in ("reserved", "device") or
-                     (x.level == "allocated" and self.peak_phase in x.phases))
+        return self.breakdown.counted(self.peak_phase)
 
 
 def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str = "cuda",

@@ -66,6 +66,12 @@ class Breakdown:
         upto = order[: order.index(level) + 1]
         return sum(t.nbytes for t in self.terms if phase in t.phases and t.level in upto)
 
+    def counted(self, peak_phase: str) -> tuple[Term, ...]:
+        """The terms in the device total: live in the peak phase, or at the reserved or device
+        level. Paged terms (bitsandbytes managed memory) are outside it."""
+        return tuple(t for t in self.terms if t.level in ("reserved", "device")
+                     or (t.level == "allocated" and peak_phase in t.phases))
+
     def as_records(self) -> list[dict[str, object]]:
         """Plain dicts, one per term (the JSON/CSV shape)."""
         return [{"key": t.key, "bytes": t.nbytes, "formula": t.formula, "ref": t.ref,

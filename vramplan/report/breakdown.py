@@ -59,7 +59,7 @@ def render_json(e: Estimate, gpu: Any = None, calib: Any = None) -> str:
 def render_text(e: Estimate, gpu: Any = None, calib: Any = None) -> str:
     """Breakdown table (GiB, % of the peak phase), the three levels, then assumptions."""
     t = e.train
-    peak_terms = [x for x in e.breakdown.terms if e.peak_phase in x.phases or x.level != "allocated"]
+    peak_terms = e.at_peak()
     lines = [f"{e.model.name}: {t.method} ({t.precision}, seq {t.seq_len}, batch {t.batch}"
              + (f", r={t.lora_r}" if t.method != "full" else "")
              + f", {t.resolved_optimizer}, grad ckpt {'on' if t.grad_ckpt else 'off'})",

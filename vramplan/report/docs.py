@@ -59,9 +59,7 @@ def peak_terms(s: ShardedEstimate) -> dict[str, int]:
     """Bytes of each term counted in the device total (live at the peak, or reserved/device level;
     paged states are outside it), with the BUNDLES summed and labelled."""
     out: dict[str, int] = {}
-    for t in s.breakdown.terms:
-        if t.level == "paged" or (s.peak_phase not in t.phases and t.level == "allocated"):
-            continue
+    for t in s.breakdown.counted(s.peak_phase):
         name = next((b for b, keys in BUNDLES.items() if t.key in keys), LABELS.get(t.key, t.key))
         if t.key.startswith("gradients."):
             name = "gradients"

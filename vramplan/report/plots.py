@@ -34,10 +34,8 @@ def peak_group_bytes(s: ShardedEstimate) -> dict[str, int]:
     """Bytes per term group in the device total: live at the peak phase, or at the reserved or
     device level (paged optimizer states are outside the device total, so not here)."""
     out = dict.fromkeys(GROUPS, 0)
-    for t in s.breakdown.terms:
-        if t.level in ("reserved", "device") or (t.level == "allocated" and
-                                                  s.peak_phase in t.phases):
-            out[t.key.split(".")[0]] += t.nbytes
+    for t in s.breakdown.counted(s.peak_phase):
+        out[t.key.split(".")[0]] += t.nbytes
     return out
 
 
