@@ -9,6 +9,7 @@ from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, LayerCtx, Ledger, layer_ledger
 from vramplan.model.params import layer_linears, lora_tensors, param_tensors
 from vramplan.model.terms import PHASES, Term
+from vramplan.model.weights import dequant_bytes
 from vramplan.specs import ModelSpec, TrainSpec
 
 FWD = ("layer_forward", "loss_forward")
@@ -138,6 +139,12 @@ def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     return tuple(terms)
 
 
+def logits_bytes(t: TrainSpec, d: Dtypes) -> int:
+    """Bytes per element of the lm_head output: the autocast dtype, else the lm_head weight's
+    (trainable in full fine-tuning, frozen otherwise)."""
+    return d.compute if d.autocast else (d.trainable if t.method == "full" else d.nonquant)
+
+
 def logits_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """The logits and loss chain (transformers 5.x ``ForCausalLMLoss``).
 
@@ -147,7 +154,7 @@ def logits_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     Ref: PHYSICS-REFERENCE §5.4; torch ``log_softmax_backward_data``.
     """
     nv = t.seq_len * t.batch * m.vocab_size
-    e_l = d.compute if d.autocast else (d.trainable if t.method == "full" else d.nonquant)
+    e_l = logits_bytes(t, d)
     upcast = FP32 if e_l != FP32 else 0
     terms = [
         Term("activations.log_softmax", FP32 * nv, "4 * N * V", "F.cross_entropy -> log_softmax",
@@ -172,8 +179,7 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     terms = []
     if t.method == "qlora":
         n = max(lin.weight_params for lin in layer_linears(m))
-        dq = 4 * -(-n // 64) if t.double_quant else 0
-        terms.append(Term("activations.dequant_buffer", n * d.compute + dq,
+        terms.append(Term("activations.dequant_buffer", dequant_bytes(n, d.compute, t.double_quant),
                           "max_linear(n) * e_compute (+ 4*n/64 fp32 absmax with DQ)",
                           "bitsandbytes dequantize_4bit in MatMul4Bit forward/backward",
                           phases=("layer_forward",) + DOWN))

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from vramplan.model import weights
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, Ledger
 from vramplan.model.params import Tensor, layer_linears, lora_tensors, param_tensors
-from vramplan.model.weights import BNB_4BIT_BLOCKSIZE, BNB_DQ_BLOCKSIZE
 from vramplan.specs import ModelSpec, TrainSpec
-from vramplan.units import ceil_div
 
 @dataclass(frozen=True, slots=True)
 class Layout:
@@ -46,15 +45,6 @@ def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> L
     return replace(lay, program=layer_program(lay))
 
 
-def quant_pieces(n: int, double_quant: bool) -> tuple[int, int, int, int]:
-    """(packed, fp32 absmax, uint8 absmax, second-level fp32 absmax) bytes of a 4-bit weight
-    (bitsandbytes ``quantize_4bit``; with double quant ``quantize_blockwise(absmax - offset)``)."""
-    blocks = ceil_div(n, BNB_4BIT_BLOCKSIZE)
-    if not double_quant:
-        return ceil_div(n, 2), 4 * blocks, 0, 0
-    return ceil_div(n, 2), 4 * blocks, blocks, 4 * ceil_div(blocks, BNB_DQ_BLOCKSIZE)
-
-
 def trainable_order(lay: Layout) -> list[tuple[str, Tensor]]:
     """(name, tensor) of every trainable tensor in parameter order (the optimizer's order)."""
     m, t = lay.m, lay.t
@@ -85,8 +75,8 @@ def linear_weights(lay: Layout, name: str) -> list[tuple[str, int]]:
 
 def dequant_bytes(lay: Layout, name: str) -> int:
     """The bf16 weight ``dequantize_4bit`` makes for one 4-bit matmul (+ fp32 absmax with DQ)."""
-    n = lay.linears[name].weight_params
-    return n * lay.d.compute + (4 * ceil_div(n, BNB_4BIT_BLOCKSIZE) if lay.t.double_quant else 0)
+    return weights.dequant_bytes(lay.linears[name].weight_params, lay.d.compute,
+                                 lay.t.double_quant)
 
 
 def merged_experts_bytes(lay: Layout) -> int:
@@ -145,8 +135,3 @@ def layer_program(lay: Layout) -> LayerProgram:
             bwd.append(("linear", first, dequant_bytes(lay, what) if qlora else 0, grads))
             first = False
     return LayerProgram(tuple(fwd), tuple(bwd))
-
-
-def logits_bytes(lay: Layout) -> int:
-    d, t = lay.d, lay.t
-    return d.compute if d.autocast else (d.trainable if t.method == "full" else d.nonquant)

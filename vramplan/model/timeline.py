@@ -32,12 +32,13 @@ from dataclasses import dataclass
 
 from vramplan.model.allocator import Block, CachingAllocator
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.layout import (Layout, layout, logits_bytes, merged_experts_bytes,
-                                   other_grads, quant_pieces, trainable_order)
+from vramplan.model.activations import logits_bytes
+from vramplan.model.layout import (Layout, layout, merged_experts_bytes, other_grads,
+                                   trainable_order)
 from vramplan.model.ledger import FP32, Ledger
 from vramplan.model.optim import state_pieces
 from vramplan.model.params import lora_tensors, param_tensors
-from vramplan.model.weights import int8_bytes, quantized
+from vramplan.model.weights import int8_bytes, quant_pieces, quantized
 from vramplan.specs import ModelSpec, TrainSpec
 
 
@@ -240,7 +241,7 @@ def loss_forward(r: Run, lay: Layout) -> None:
     r.new("final_norm", (4 * m.hidden_size + 4) * n)
     if d.autocast and d.nonquant == FP32 and t.method != "full":
         r.new("lm_head_cast", m.vocab_size * m.hidden_size * 2)
-    e_l = logits_bytes(lay)
+    e_l = logits_bytes(lay.t, lay.d)
     r.new("logits", e_l * nv)
     if m.final_logit_softcapping:  # Gemma-2: tanh(logits / c) * c, tanh's output saved
         r.new("softcap", e_l * nv)
@@ -259,7 +260,7 @@ def loss_backward(r: Run, lay: Layout) -> None:
     """NLL and log_softmax backward (two fp32 N·V grads), the cast back, lm_head backward."""
     m, t, d, n = lay.m, lay.t, lay.d, lay.n_tok
     nv = n * m.vocab_size
-    e_l = logits_bytes(lay)
+    e_l = logits_bytes(lay.t, lay.d)
     r.new("g.nll", FP32 * nv)
     r.new("g.lsm", FP32 * nv)
     r.drop("g.nll", "log_softmax")

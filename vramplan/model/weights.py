@@ -25,6 +25,18 @@ def quantized(t: Tensor) -> bool:
     return t.kind == "linear"
 
 
+def quant_pieces(n: int, double_quant: bool) -> tuple[int, int, int, int]:
+    """(packed, fp32 absmax, uint8 absmax, second-level fp32 absmax) bytes of one n-element
+    4-bit weight as ``quantize_4bit`` makes them: packed = ceil(n/2), fp32 absmax per 64 weights;
+    with double quant ``quantize_blockwise(absmax - offset)`` re-quantises that absmax to uint8
+    with an fp32 absmax per 256 of them (the fp32 absmax is then freed); without, the last two are
+    0. Ref: bitsandbytes ``functional.quantize_4bit``."""
+    blocks = ceil_div(n, BNB_4BIT_BLOCKSIZE)
+    if not double_quant:
+        return ceil_div(n, 2), 4 * blocks, 0, 0
+    return ceil_div(n, 2), 4 * blocks, blocks, 4 * ceil_div(blocks, BNB_DQ_BLOCKSIZE)
+
+
 def nf4_bytes(n: int, double_quant: bool) -> tuple[int, int]:
     """(packed weight bytes, quantisation-constant bytes) of one n-element 4-bit weight.
 
@@ -32,12 +44,16 @@ def nf4_bytes(n: int, double_quant: bool) -> tuple[int, int]:
     double quant uint8 absmax per 64 + fp32 absmax per 256 of those + offset + codes (≈0.127 bit/param).
     Ref: Dettmers et al. 2023 (arXiv:2305.14314) §3; bitsandbytes ``functional.quantize_4bit``.
     """
-    blocks = ceil_div(n, BNB_4BIT_BLOCKSIZE)
-    if double_quant:
-        consts = blocks + 4 * ceil_div(blocks, BNB_DQ_BLOCKSIZE) + BNB_DQ_STATE_BYTES
-    else:
-        consts = 4 * blocks
-    return ceil_div(n, 2), consts + BNB_4BIT_CODE_BYTES
+    packed, absmax, qabsmax, absmax2 = quant_pieces(n, double_quant)
+    consts = qabsmax + absmax2 + BNB_DQ_STATE_BYTES if double_quant else absmax
+    return packed, consts + BNB_4BIT_CODE_BYTES
+
+
+def dequant_bytes(n: int, compute: int, double_quant: bool) -> int:
+    """What ``dequantize_4bit`` makes for one 4-bit matmul: the n-element weight in the compute
+    dtype, plus (double quant) the fp32 absmax restored from its uint8 copy, one per 64 weights.
+    Ref: bitsandbytes ``MatMul4Bit`` forward/backward."""
+    return n * compute + (4 * ceil_div(n, BNB_4BIT_BLOCKSIZE) if double_quant else 0)
 
 
 def int8_bytes(n: int, out_features: int) -> tuple[int, int]:
