@@ -99,7 +99,7 @@ class CachingAllocator:
 
     def malloc(self, nbytes: int, tag: object = "") -> Block:
         """Allocate ``nbytes`` (a tensor's storage); returns the block to pass to :meth:`free`."""
-        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+        n = round_size(nbytes)
         small = n <= K_SMALL_SIZE
         pool = self.pools[small]
         keys = pool.keys
@@ -110,7 +110,7 @@ class CachingAllocator:
         else:
             b = self._grow(n, small, tag)
         rest = b.size - n
-        if (rest >= K_MIN_BLOCK) if small else (rest > K_SMALL_SIZE):  # should_split
+        if should_split(small, rest):
             tail = Block(b.addr + n, rest, small, b, b.next)
             if b.next is not None:
                 b.next.prev = tail
@@ -128,39 +128,23 @@ class CachingAllocator:
         return b
 
     def transient(self, nbytes: int, tag: object = "") -> None:
-        """Allocate and at once free ``nbytes`` (a temporary consumed by the next op).
-
-        Exactly :meth:`malloc` then :meth:`free`, done without touching the block structure:
-        free blocks are always maximal runs of their segment, so a split block merges back into
-        the same free block; only a new segment (when no cached block fits) stays behind.
-        """
-        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
-        small = n <= K_SMALL_SIZE
-        pool = self.pools[small]
-        keys = pool.keys
-        i = bisect_left(keys, (n, -1))
-        if i < len(keys):
-            size = keys[i][0]
-        else:
-            b = self._grow(n, small, tag)  # a whole free segment (or the grown free tail)
-            size = b.size
-            pool.add(b)
-        rest = size - n
-        used = n if ((rest >= K_MIN_BLOCK) if small else (rest > K_SMALL_SIZE)) else size
-        if used > self.largest:
-            self.largest = used
-        if self.allocated + used > self.peak_allocated:
-            self.peak_allocated = self.allocated + used
+        """Allocate and at once free ``nbytes`` (a temporary consumed by the next op): a group of
+        one, see :meth:`transient_group`."""
+        self.transient_group((nbytes,), tag)
 
     def transient_group(self, sizes: tuple[int, ...], tag: object = "") -> None:
         """Allocate ``sizes`` one after the other, then free them all: exactly that sequence of
-        :meth:`malloc` and :meth:`free`, replayed on an overlay of the free lists (blocks taken,
-        remainders left) since freeing them all restores every free run; new segments stay."""
+        :meth:`malloc` and :meth:`free`, replayed without touching the block structure. Free blocks
+        are always maximal runs of their segment, so freeing every piece restores each run; only
+        the new segments (when no cached block fits) stay. The pieces are placed on an overlay of
+        the free lists: blocks taken, remainders left. Empty pieces take no block."""
         taken: set[tuple[int, int]] = set()
         left: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
         used_total = 0
         for nbytes in sizes:
-            n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+            if nbytes <= 0:  # an empty tensor takes no block
+                continue
+            n = round_size(nbytes)
             small = n <= K_SMALL_SIZE
             keys, extra = self.pools[small].keys, left[small]
             i = bisect_left(keys, (n, -1))
@@ -181,7 +165,7 @@ class CachingAllocator:
                 taken.add(pick)
             size, addr = pick
             rest = size - n
-            if (rest >= K_MIN_BLOCK) if small else (rest > K_SMALL_SIZE):
+            if should_split(small, rest):
                 insort(extra, (rest, addr + n))
                 used = n
             else:

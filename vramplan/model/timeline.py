@@ -75,11 +75,6 @@ class Run:
             if b is not None:
                 self.alloc.free(b)
 
-    def temp(self, name: str, nbytes: int) -> None:
-        """A tensor made and freed at once (it still needs a block, and may force a segment)."""
-        if nbytes > 0:
-            self.alloc.transient(nbytes, name)
-
     @property
     def phase(self) -> str:
         return self.alloc.phase
@@ -173,12 +168,7 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
             live[key] = malloc(op[2], key)
             members.append(key)
         elif kind == "temp":
-            pieces = op[1]
-            if len(pieces) == 1:
-                if pieces[0]:
-                    transient(pieces[0], "in_flight")
-            else:
-                r.alloc.transient_group(pieces, "in_flight")
+            r.alloc.transient_group(op[1], "in_flight")
         elif kind == "dequant":
             transient(op[1], "dequant")
         else:  # cast
