@@ -89,15 +89,18 @@ def fraction(text: str) -> float:
     return value
 
 
-def _read(paths: list[str]) -> list[dict]:
-    from vramplan.measure.records import read_records
-
-    records = []
+def _existing(paths: list[str]) -> list[Path]:
+    """The results files, each checked to exist (one line and exit 2 otherwise)."""
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"{path}: no such results file")
-        records.extend(read_records(path))
-    return records
+    return [Path(p) for p in paths]
+
+
+def _read(paths: list[str]) -> list[dict]:
+    from vramplan.measure.records import read_records
+
+    return [r for path in _existing(paths) for r in read_records(path)]
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -155,8 +158,9 @@ def run_check(args: argparse.Namespace) -> int:
     """Measured vs predicted per record (GiB), then the error statistics per level."""
     import json
 
-    from vramplan.compare import LEVELS, compare_record
+    from vramplan.compare import LEVELS
     from vramplan.profiles import load_calibration
+    from vramplan.report.evidence import compare_files
 
     by = [k.strip() for k in args.by.split(",") if k.strip()]
     if by:
@@ -167,10 +171,7 @@ def run_check(args: argparse.Namespace) -> int:
             raise UserError(f"--by {','.join(bad)}: choose from {', '.join(GROUP_KEYS)}")
         pandas()  # a missing extra is reported before any work
     calib = load_calibration(args.calibration)
-    rows = []
-    for path in args.results:
-        rows += [compare_record(r, calib, args.tolerance, source=Path(path).stem,
-                                anchor=Path(path).resolve().parent) for r in _read([path])]
+    rows = compare_files(_existing(args.results), calib, args.tolerance)
     if args.json:
         print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from vramplan.compare import LEVELS, Comparison
+from vramplan.compare import DEFAULT_TOLERANCE, LEVELS, Comparison, compare_record
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -117,18 +117,14 @@ def summary_text(s: "pd.DataFrame") -> str:
 
 
 def compare_files(paths: Sequence[Path], calib: Mapping[str, Any],
-                  tolerance: float | None = None) -> list[Comparison]:
-    """Every record of every results file against a fresh estimate."""
-    from vramplan.compare import DEFAULT_TOLERANCE, compare_record
+                  tolerance: float = DEFAULT_TOLERANCE) -> list[Comparison]:
+    """Every record of every results file against a fresh estimate (source = the file's stem;
+    relative model paths resolve against the file's folder)."""
     from vramplan.measure.records import read_records
 
-    out = []
-    for path in paths:
-        for r in read_records(path):
-            out.append(compare_record(r, calib, DEFAULT_TOLERANCE if tolerance is None
-                                      else tolerance, source=Path(path).stem,
-                                      anchor=Path(path).resolve().parent))
-    return out
+    return [compare_record(r, calib, tolerance, source=Path(path).stem,
+                           anchor=Path(path).resolve().parent)
+            for path in paths for r in read_records(path)]
 
 
 def readme_block(root: Path, calib: Mapping[str, Any]) -> str:
