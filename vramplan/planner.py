@@ -37,6 +37,11 @@ PERCENT = 100
 FITS, TIGHT, NO, NEEDS_BF16 = "fits", "tight", "does not fit", "needs bf16"
 #: Setups that compute in bf16 (HF Trainer bf16=True autocast, or bf16 weights).
 BF16_PRECISIONS = ("bf16", "mixed")
+
+
+def runs_precision(gpu: GpuSpec, precision: str) -> bool:
+    """Whether ``gpu`` can compute in ``precision``: bf16 needs bf16 tensor cores (not T4/V100)."""
+    return gpu.has_bf16 or precision not in BF16_PRECISIONS
 CACHE_KEY = "overhead.allocator_cache"
 
 
@@ -70,7 +75,7 @@ def verdict(s: ShardedEstimate | Estimate, gpu: GpuSpec, calib: Mapping[str, Any
     docstring)."""
     cap = gpu.capacity_bytes
     train = getattr(s, "base", s).train
-    if not gpu.has_bf16 and train.precision in BF16_PRECISIONS:
+    if not runs_precision(gpu, train.precision):
         return Verdict(NEEDS_BF16, 0, f"{gpu.name} has no bf16 tensor cores: use --precision "
                                       "fp16 (or fp32) on it")
     outside = s.device_total_bytes - s.peak_reserved_bytes
@@ -333,7 +338,7 @@ def suggest(model: ModelSpec, gpu: GpuSpec, calib: Mapping[str, Any],
     the larger rank, then without checkpointing (faster). bf16 setups become fp16 on GPUs
     without bf16 (T4, V100)."""
     precision = base.precision
-    if not gpu.has_bf16 and precision in BF16_PRECISIONS:
+    if not runs_precision(gpu, precision):
         precision = "fp16"
     out = []
     for method in ("full", "lora", "qlora"):

@@ -182,6 +182,7 @@ class CudaProbe:
         self.snapshot = snapshot
         self.snapshots: dict[str, dict[str, Any]] = {}
         self.cuda_used: dict[str, int] = {}  # per phase: mem_get_info's used bytes at its end
+        self.cuda_total: int | None = None  # mem_get_info's total: what CUDA lets a process use
         self.resident_bytes = 0
         self.sampler: NvmlSampler | None = None
         self.phase: str | None = None
@@ -256,7 +257,7 @@ class CudaProbe:
                 # torch.cuda.mem_get_info() at each phase's end: the device's used memory as CUDA
                 # sees it (managed memory included; other processes too), and its total
                 "phases_cuda_used": dict(self.cuda_used),
-                "cuda_total_bytes": getattr(self, "cuda_total", None),
+                "cuda_total_bytes": self.cuda_total,
                 "num_alloc_retries": int(torch.cuda.memory_stats().get("num_alloc_retries", 0)),
                 **({"snapshots": dict(self.snapshots)} if self.snapshot else {})}
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from vramplan.planner import Plan, per_gpu
+from vramplan.planner import Plan, per_gpu, runs_precision
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 from vramplan.units import GIB
 
@@ -69,10 +69,8 @@ def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec],
                  train: TrainSpec | None = None) -> GpuSpec | None:
     """The catalog GPU with the least CUDA capacity ≥ need (catalog order breaks ties), among
     those that can run the setup's precision (bf16 needs bf16 tensor cores)."""
-    from vramplan.planner import BF16_PRECISIONS
-
-    bf16 = train is not None and train.precision in BF16_PRECISIONS
-    ok = [g for g in gpus if g.capacity_bytes >= need_bytes and (g.has_bf16 or not bf16)]
+    ok = [g for g in gpus if g.capacity_bytes >= need_bytes and
+          (train is None or runs_precision(g, train.precision))]
     return min(ok, key=lambda g: g.capacity_bytes, default=None)
 
 
