@@ -9,10 +9,10 @@ from typing import Any, Mapping
 from vramplan.model import activations, optim, overhead, weights
 from vramplan.model.dtypes import dtypes_for
 from vramplan.model.ledger import LayerCtx, layer_ledger
-from vramplan.model.params import total_params, trainable_params
+from vramplan.model.params import layer_linears, total_params, trainable_params
 from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.model.timeline import Replay, replay
-from vramplan.specs import ModelSpec, TrainSpec
+from vramplan.specs import ModelSpec, SpecError, TrainSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +125,6 @@ def levels(terms: tuple[Term, ...]) -> Levels:
 
 def check_targets(m: ModelSpec, t: TrainSpec) -> None:
     """peft raises when none of the named LoRA targets exists in the model; so does this."""
-    from vramplan.model.params import layer_linears
-    from vramplan.specs import SpecError
-
     names = t.target_modules() if t.method != "full" else None
     if names:
         have = [lin.name for lin in layer_linears(m)]
