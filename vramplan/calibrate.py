@@ -1,4 +1,5 @@
-"""Fit the one runtime constant (and only that) from measured CUDA records.
+"""Fit the runtime constants from measured CUDA records: the memory outside the allocator, and the
+three step-time efficiencies.
 
 Fitted: ``non_allocator``, the memory a CUDA process holds outside PyTorch's caching allocator
 (CUDA context, module images, library handles): device total − peak reserved, both measured, so
@@ -14,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from vramplan.specs import SpecError
 
-FITTABLE = ("non_allocator",)
+FITTABLE = ("non_allocator", "time")
 #: Replaced by the allocator replay; asking for them is an error that says so.
 RETIRED = {"allocator_slack": "reserved memory now comes from the allocator replay",
            "cuda_context": "now fitted as non_allocator (device total - reserved)"}
@@ -36,14 +37,26 @@ def check_fittable(names: Sequence[str]) -> None:
                         f"{', '.join(FITTABLE)} is calibrated")
 
 
-def fit(records: Sequence[Mapping[str, Any]], names: Sequence[str] = FITTABLE,
+def fit(records: Sequence[Mapping[str, Any]], names: Sequence[str] = ("non_allocator",),
         base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The asked sections: ``non_allocator`` (with the verdict margin) and/or ``time``."""
+    check_fittable(names)
+    out: dict[str, Any] = {}
+    if "non_allocator" in names:
+        out.update(fit_non_allocator(records, base))
+    if "time" in names:
+        out["time"] = fit_time(records)
+        out.setdefault("status", "fitted")
+    return out
+
+
+def fit_non_allocator(records: Sequence[Mapping[str, Any]],
+                      base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """non_allocator = median over CUDA records of (device total − peak reserved), measured.
 
     The median, not the mean, so that one record with a stray process or a late NVML sample does
     not move it; the spread (max − min) is stored beside it and must stay under 256 MiB.
     """
-    check_fittable(names)
     base = base or {}
     rows = []
     for r in records:
@@ -104,10 +117,18 @@ def device_error(records: Sequence[Mapping[str, Any]], calib: Mapping[str, Any])
                       f"with this calibration ({max(errs):.2%}, rounded up)"}
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[\n" + "".join(f"  {_toml_value(x)},\n" for x in v) + "]"
+    return repr(v)
+
+
 def to_toml(data: Mapping[str, Any], base: Mapping[str, Any]) -> str:
     """The calibration file: fitted sections replace the base's, the rest is carried over."""
-    merged = {**{k: v for k, v in base.items() if k not in ("status", "fitted_on", "name")},
-              **data}
+    replaced = ("status", "fitted_on", "name") if "fitted_on" in data else ("status", "name")
+    merged = {**{k: v for k, v in base.items() if k not in replaced}, **data}
     lines = ["# Fitted by `vramplan calibrate`; fitted_on lists the records used.",
              f'status = "{merged.get("status", "fitted")}"']
     for key in ("gpu", "stack", "records"):
@@ -115,9 +136,108 @@ def to_toml(data: Mapping[str, Any], base: Mapping[str, Any]) -> str:
             lines.append(f'{key} = "{merged[key]}"')
     lines.append("fitted_on = [\n" + "".join(f'  "{x}",\n' for x in merged.get("fitted_on", []))
                  + "]")
-    for section in ("non_allocator", "cublas_workspace", "verdict"):
+    for section in ("non_allocator", "cublas_workspace", "verdict", "time"):
         if section in merged:
             lines.append(f"\n[{section}]")
             for k, v in merged[section].items():
-                lines.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else repr(v)))
+                lines.append(f"{k} = " + _toml_value(v))
     return "\n".join(lines) + "\n"
+
+
+# --- step time ----------------------------------------------------------------------------------
+
+#: Plausible ranges of the time constants: a fraction of a datasheet peak is in (0, 1]; one host
+#: operation (Python, dispatcher, launch) costs between a microsecond and a millisecond.
+PLAUSIBLE_EFFICIENCY = (0.02, 1.0)
+PLAUSIBLE_SECONDS_PER_OP = (1e-6, 1e-3)
+TIME_KEYS = ("matmul_efficiency", "bandwidth_efficiency", "seconds_per_op")
+
+
+def time_rows(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any, float, float, str]]:
+    """(case id, StepWork, measured step seconds, harness overhead seconds, GPU name) of every
+    CUDA record with a measured step time on a catalog GPU with datasheet peaks."""
+    from vramplan.compare import record_gpu, record_step_time, record_work
+
+    rows = []
+    for r in records:
+        timed = record_step_time(r)
+        gpu = record_gpu(r)
+        if timed is None or gpu is None:
+            continue
+        rows.append((str(r.get("case_id")), record_work(r), timed[0], timed[1], gpu))
+    return rows
+
+
+def _predict(consts: Sequence[float], work: Any, gpu: Any, overhead: float) -> float:
+    from vramplan.model.steptime import Rates, peak_tflops, step_time
+
+    e_mm, e_bw, t_op = consts
+    rates = Rates(peak_tflops(gpu) * 1e12 * e_mm, gpu.memory_bandwidth_gbs * 1e9 * e_bw, t_op,
+                  True, "fit")
+    return step_time(work, rates).seconds + overhead
+
+
+def _loss(consts: Sequence[float], rows: Sequence[tuple]) -> float:
+    """Sum of |log(predicted / measured)|: relative errors, robust to one slow step."""
+    from math import log
+
+    return sum(abs(log(_predict(consts, w, g, o) / y)) for _, w, y, o, g in rows)
+
+
+def _search(rows: Sequence[tuple]) -> tuple[float, float, float]:
+    """Minimise :func:`_loss` over the plausible box: a coarse grid, then a coordinate search
+    with multiplicative steps that halve when no move helps (deterministic, standard library)."""
+    lo_e, hi_e = PLAUSIBLE_EFFICIENCY
+    lo_t, hi_t = PLAUSIBLE_SECONDS_PER_OP
+    grid_e = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+    grid_t = (2e-6, 5e-6, 1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4)
+    best = min(((a, b, c) for a in grid_e for b in grid_e for c in grid_t),
+               key=lambda p: _loss(p, rows))
+    point, value = list(best), _loss(best, rows)
+    bounds = ((lo_e, hi_e), (lo_e, hi_e), (lo_t, hi_t))
+    step = 1.5
+    while step > 1.0005:
+        moved = False
+        for i in range(3):
+            for f in (step, 1 / step):
+                trial = point[:]
+                trial[i] = min(max(trial[i] * f, bounds[i][0]), bounds[i][1])
+                v = _loss(trial, rows)
+                if v < value - 1e-12:
+                    point, value, moved = trial, v, True
+        if not moved:
+            step = step ** 0.5
+    return point[0], point[1], point[2]
+
+
+def leave_one_out(rows: Sequence[tuple]) -> list[tuple[str, float, float]]:
+    """(case id, measured s, predicted s) with each record predicted by a fit on the others."""
+    out = []
+    for i, (case, work, y, overhead, gpu) in enumerate(rows):
+        consts = _search([r for j, r in enumerate(rows) if j != i])
+        out.append((case, y, _predict(consts, work, gpu, overhead)))
+    return out
+
+
+def fit_time(records: Sequence[Mapping[str, Any]], loo: bool = True) -> dict[str, Any]:
+    """The ``[time]`` section: e_mm, e_bw and t_op of one GPU (see :mod:`vramplan.model.steptime`),
+    fitted on its CUDA records' measured step times, with the leave-one-out errors beside them."""
+    rows = time_rows(records)
+    names = sorted({g.name for *_, g in rows})
+    if len(names) > 1:
+        raise SpecError(f"records from several GPUs ({', '.join(names)}): fit one GPU at a time")
+    if len(rows) < 5:
+        raise SpecError(f"need at least 5 CUDA records with a measured step time on a catalog GPU "
+                        f"with datasheet TFLOPS and bandwidth, found {len(rows)}")
+    e_mm, e_bw, t_op = _search(rows)
+    errs = [abs(p - y) / y for _, y, p in leave_one_out(rows)] if loo else []
+    out: dict[str, Any] = {
+        "gpu": names[0], "matmul_efficiency": round(e_mm, 4),
+        "bandwidth_efficiency": round(e_bw, 4), "seconds_per_op": float(f"{t_op:.4g}"),
+        "source": f"fitted on the measured step times of {len(rows)} records: minimum of the sum "
+                  f"of |log(predicted / measured)|",
+        "fitted_on": [c for c, *_ in rows]}
+    if errs:
+        out["leave_one_out"] = (f"median |error| {median(errs):.1%}, max {max(errs):.1%} over "
+                                f"{len(errs)} records")
+    return out

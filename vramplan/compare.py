@@ -13,7 +13,8 @@ from typing import Any, Mapping
 from vramplan.model.estimate import Estimate, estimate
 from vramplan.planner import FITS, NO, verdict
 from vramplan.profiles import load_gpus, load_model, resolve_ref
-from vramplan.specs import GpuSpec, SpecError, TrainSpec
+from vramplan.model.steptime import StepWork, rates_for, step_time, step_work
+from vramplan.specs import GpuSpec, ModelSpec, SpecError, TrainSpec
 
 LEVELS = ("peak_allocated_bytes", "peak_reserved_bytes", "device_total_bytes")
 #: Default tolerance of `vramplan check`: the issue's acceptance bound (5% relative, every level).
@@ -36,24 +37,61 @@ class Comparison:
     source: str = ""  # the results file's stem ("h200", "cpu-ci")
     device: str = "?"  # "cpu", or the GPU's name for CUDA records
     family: str = "?"  # the model's model_type
+    #: measured and predicted seconds per step (CUDA records with a time calibration)
+    step_s: tuple[float, float] | None = None
+
+    @property
+    def time_error(self) -> float | None:
+        return None if self.step_s is None else (self.step_s[1] - self.step_s[0]) / self.step_s[0]
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+#: Records timed through the memory probe (``timing.measured_s`` without ``timing.step_s``) carry
+#: its sleeps: 2 × 5 ms at the end of each of the 3 phases so the NVML sampler sees the phase's
+#: last state (``measure/probes.py``: ``CudaProbe.end_phase``, ``NvmlSampler`` interval 0.005 s).
+PROBE_OVERHEAD_S = 3 * 2 * 0.005
+
 #: Setup keys that records made before they existed lack, with what those harness runs did:
 #: no gradient accumulation and no clipping.
 LEGACY_SETUP = {"grad_accum": 1, "max_grad_norm": 0.0}
 
 
+def record_spec(record: Mapping[str, Any], anchor: Path | None = None) -> tuple[ModelSpec,
+                                                                                TrainSpec]:
+    """The model and setup of a recorded case; a relative model path resolves against ``anchor``
+    (the results file's folder) when it is not found here."""
+    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
+    return load_model(resolve_ref(record["model"], anchor)), TrainSpec.from_dict(setup)
+
+
 def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any],
                  anchor: Path | None = None) -> Estimate:
-    """The estimate of a recorded case (its model ref, setup and device); a relative model path
-    resolves against ``anchor`` (the results file's folder) when it is not found here."""
-    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
-    return estimate(load_model(resolve_ref(record["model"], anchor)), TrainSpec.from_dict(setup),
-                    calib, record.get("device", "cuda"))
+    """The estimate of a recorded case (its model, setup and device)."""
+    return estimate(*record_spec(record, anchor), calib, record.get("device", "cuda"))
+
+
+def record_step_time(record: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(seconds per optimizer step, harness overhead in them) of a CUDA record: the median of its
+    unprobed timed steps (``timing.step_s``), else its probed measured steps (``measured_s`` /
+    steps, with :data:`PROBE_OVERHEAD_S`); None off CUDA (CPU time says nothing of a GPU) or
+    when the record has no timing."""
+    timing = record.get("timing") or {}
+    if record.get("outcome") != "ok" or record.get("device", "cuda") != "cuda":
+        return None
+    if timing.get("step_s"):
+        return float(timing["step_s"]), 0.0
+    if timing.get("measured_s"):
+        return float(timing["measured_s"]) / int(record.get("measured_steps") or 1), \
+            PROBE_OVERHEAD_S
+    return None
+
+
+def record_work(record: Mapping[str, Any], anchor: Path | None = None) -> StepWork:
+    """The step-time model's work for a recorded case."""
+    return step_work(*record_spec(record, anchor))
 
 
 def device_of(record: Mapping[str, Any]) -> str:
@@ -119,7 +157,18 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
                                         else ())
     return Comparison(case_id, outcome, est.train.method, measured, predicted, errors,
                       tuple(problems), record.get("known_gap"), notes,
-                      family=est.model.model_type, **where)
+                      family=est.model.model_type, step_s=compare_time(record, est, gpu, calib),
+                      **where)
+
+
+def compare_time(record: Mapping[str, Any], est: Estimate, gpu: GpuSpec | None,
+                 calib: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(measured, predicted) seconds per step, or None when either side is missing."""
+    timed = record_step_time(record)
+    rates = rates_for(gpu, calib) if gpu is not None else None
+    if timed is None or rates is None:
+        return None
+    return timed[0], step_time(step_work(est.model, est.train), rates).seconds + timed[1]
 
 
 def record_gpu(record: Mapping[str, Any]) -> GpuSpec | None:

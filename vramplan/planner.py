@@ -124,7 +124,11 @@ class GpuFit:
                 "max_seq_len": self.max_seq_len, "max_batch": self.max_batch,
                 "min_gpus": self.min_gpus, "min_gpus_shard": self.min_gpus_shard,
                 "hours_per_billion_tokens": c.hours_per_billion_tokens if c else None,
-                "usd_per_billion_tokens": c.usd_per_billion_tokens if c else None}
+                "usd_per_billion_tokens": c.usd_per_billion_tokens if c else None,
+                "step_seconds": c.step.seconds if c and c.step else None,
+                "tokens_per_s": c.step.tokens_per_s * c.n_gpus if c and c.step else None,
+                "time_basis": (c.label if c.step else None) if c else None,
+                "time_source": c.basis if c else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +262,7 @@ def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str
                       None, train.shard, None, v)
     n, scheme = min_gpus(model, train, gpu, calib, margin)
     run_gpus = train.num_gpus if v.fits else n
-    cost = cost_per_billion_tokens(model, train, gpu, run_gpus) if run_gpus else None
+    cost = cost_per_billion_tokens(model, train, gpu, run_gpus, calib) if run_gpus else None
     return GpuFit(gpu, total, v.fits, room, PERCENT * room / gpu.capacity_bytes,
                   max_seq_len(model, train, gpu, calib, margin),
                   max_batch(model, train, gpu, calib, margin), n, scheme, cost, v)

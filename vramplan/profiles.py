@@ -254,7 +254,9 @@ def load_gpus() -> dict[str, GpuSpec]:
                          price_source=g.get("price_source", ""),
                          cuda_capacity_bytes=int(g.get("cuda_capacity_bytes", 0)),
                          cuda_capacity_source=g.get("cuda_capacity_source", ""),
-                         fp16_tflops=g.get("fp16_tflops"))
+                         fp16_tflops=g.get("fp16_tflops"),
+                         memory_bandwidth_gbs=g.get("memory_bandwidth_gbs"),
+                         bandwidth_source=g.get("bandwidth_source", ""))
             for key, g in data["gpu"].items()}
 
 

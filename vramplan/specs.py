@@ -183,7 +183,8 @@ class TrainSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GpuSpec:
-    """One catalog GPU: memory as NVML reports it, peak dense bf16 throughput, indicative price."""
+    """One catalog GPU: memory as NVML reports it, peak dense bf16 throughput and DRAM bandwidth
+    (datasheet), indicative price."""
 
     key: str
     name: str
@@ -200,6 +201,9 @@ class GpuSpec:
     cuda_capacity_bytes: int = 0
     cuda_capacity_source: str = ""
     fp16_tflops: float | None = None  # dense fp16 tensor TFLOPS, for GPUs without bf16
+    #: Peak DRAM bandwidth from the vendor datasheet, GB/s (10^9 bytes/s); None = unknown.
+    memory_bandwidth_gbs: float | None = None
+    bandwidth_source: str = ""
 
     def __post_init__(self) -> None:
         _require(self.memory_bytes > 0, f"gpu {self.key}: memory_bytes must be positive")

@@ -64,8 +64,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("calibrate", help="fit the runtime constants from CUDA measurements",
                        epilog=CALIBRATE_EXAMPLES, formatter_class=Formatter)
     k.add_argument("results", metavar="RESULTS.jsonl", nargs="+")
-    k.add_argument("--out", required=True, help="profiles/calibration/NAME.toml")
-    k.add_argument("--fit", default="non_allocator", help="constants to fit (comma list)")
+    k.add_argument("--out", help="profiles/calibration/NAME.toml (required unless --leave-one-out)")
+    k.add_argument("--fit", default="non_allocator",
+                   help="what to fit (comma list): non_allocator (memory outside the allocator) "
+                        "and/or time (the step-time model's efficiencies, one GPU's records)")
+    k.add_argument("--leave-one-out", action="store_true",
+                   help="with --fit time: predict each record's step time from a fit on the "
+                        "others and print the errors (writes nothing unless --out is given)")
     k.add_argument("--base", default="default", help="calibration to start from")
     k.set_defaults(func=run_calibrate)
 
@@ -175,6 +180,8 @@ def run_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,
+                           "step_seconds": ({"measured": c.step_s[0], "predicted": c.step_s[1],
+                                             "error": c.time_error} if c.step_s else None),
                            "problems": list(c.problems)} for c in rows], indent=2))
     else:
         # 120 columns: the case, then measured/predicted GiB and the error per level; what went
@@ -182,14 +189,15 @@ def run_check(args: argparse.Namespace) -> int:
         short = {"peak_allocated_bytes": "alloc", "peak_reserved_bytes": "reserv",
                  "device_total_bytes": "device"}
         print(f"{'case':<36} {'method':<6} " + " ".join(
-            f"{short[lv] + ' meas/pred':>16} {'err':>6}" for lv in LEVELS))
+            f"{short[lv] + ' meas/pred':>16} {'err':>6}" for lv in LEVELS) + f" {'step':>6}")
         for c in rows:
             cells = []
             for lv in LEVELS:
                 m, p = c.measured.get(lv), c.predicted.get(lv)
                 cells.append(f"{_gib(m):>7}/{_gib(p):<8} {_pct(c.errors.get(lv)):>6}")
             name = c.case_id if len(c.case_id) <= 36 else c.case_id[:35] + "~"
-            print(f"{name:<36} {c.method:<6} " + " ".join(cells) + (" ok" if c.ok else " FAIL"))
+            print(f"{name:<36} {c.method:<6} " + " ".join(cells) + f" {_pct(c.time_error):>6}"
+                  + (" ok" if c.ok else " FAIL"))
             for line in (*c.problems, *c.notes):
                 print(f"    {line}")
         _summary(rows)
@@ -222,6 +230,11 @@ def _summary(rows) -> None:
                   f"{len(errs)}{tail}")
         elif unmeasured:
             print(f"{lv}: not measured in {unmeasured} record(s)")
+    times = [abs(c.time_error) for c in rows if c.time_error is not None]
+    if times:
+        print(f"step time (step column): median |error| {median(times):.1%}, max {max(times):.1%} "
+              f"over {len(times)} CUDA records, with the calibration fitted on them (the "
+              f"leave-one-out figures: vramplan calibrate RESULTS --fit time --leave-one-out)")
 
 
 def _gib(n) -> str:
@@ -240,10 +253,42 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     names = [n.strip() for n in args.fit.split(",") if n.strip()]
     check_fittable(names)
+    if args.leave_one_out:
+        if names != ["time"]:
+            raise UserError("--leave-one-out goes with --fit time")
+        _leave_one_out(_read(args.results))
+        if not args.out:
+            return 0
+    if not args.out:
+        raise UserError("calibrate needs --out FILE.toml (or --leave-one-out to only report)")
     output_path(args.out, (".toml",))
     base = load_calibration(args.base)
     data = fit(_read(args.results), names, base)
-    data["records"] = " ".join(args.results)
+    if "non_allocator" in names:
+        data["records"] = " ".join(args.results)
+    if "time" in data:
+        data["time"] = {**data["time"], "records": " ".join(args.results)}
     Path(args.out).write_text(to_toml(data, base))
-    print(f"wrote {args.out} (fitted on {len(data['fitted_on'])} records)", file=sys.stderr)
+    n = len(data.get("fitted_on") or data["time"]["fitted_on"])
+    print(f"wrote {args.out} (fitted on {n} records)", file=sys.stderr)
     return 0
+
+
+def _leave_one_out(records: list[dict]) -> None:
+    """Each record's step time predicted by a fit on the others: the table and the summary."""
+    from statistics import median
+
+    from vramplan.calibrate import leave_one_out, time_rows
+
+    rows = time_rows(records)
+    if len(rows) < 6:
+        raise UserError(f"leave-one-out needs at least 6 CUDA records with a measured step time, "
+                        f"found {len(rows)}")
+    print(f"{'case':<56} {'measured s':>10} {'predicted s':>11} {'error':>7}")
+    errs = []
+    for i, (case, y, p) in enumerate(leave_one_out(rows), 1):
+        errs.append(abs(p - y) / y)
+        print(f"{case[:56]:<56} {y:>10.3f} {p:>11.3f} {(p - y) / y:>+7.1%}")
+        print(f"  [{i}/{len(rows)}]", end="\r", file=sys.stderr)
+    print(f"step time, leave-one-out: median |error| {median(errs):.1%}, max {max(errs):.1%} "
+          f"over {len(errs)} records")

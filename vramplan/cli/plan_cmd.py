@@ -13,7 +13,9 @@ from vramplan.specs import SpecError
 FIT_EXAMPLES = """examples:
   vramplan fit llama-2-70b                              # the seed's QLoRA recipe on every GPU
   vramplan fit llama-3.1-8b --method lora --seq-len 4096 --gpus rtx-4090,a100-80gb
-  vramplan fit llama-3.1-70b --method full --shard zero3 --num-gpus 8 --json"""
+  vramplan fit llama-3.1-70b --method full --shard zero3 --num-gpus 8 --json
+  vramplan fit llama-3.1-8b --tokens 2e9                 # hours and $ for your job
+  vramplan fit qwen2.5-7b --lengths lengths.txt --epochs 3 --batch 4   # real, variable lengths"""
 TABLE_EXAMPLES = """examples:
   vramplan table --models llama-3.1-8b,qwen2.5-7b --methods full,lora,qlora
   vramplan table --models llama-2-70b --methods qlora --seq-len 4096 --format csv"""
@@ -26,7 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="which GPUs fit a setup: headroom, max seq/batch, GPU count",
                        description="Fit one setup on catalog GPUs: per-GPU device total vs memory, "
                                    "headroom, largest seq_len and batch, fewest GPUs (sharded), "
-                                   "and an estimate of time and cost per billion tokens.",
+                                   "and the time and cost of the run from the step-time model "
+                                   "(per 10^9 tokens, or for your job with --tokens / "
+                                   "--dataset-tokens / --lengths).",
                        epilog=FIT_EXAMPLES, formatter_class=Formatter)
     p.add_argument("model", metavar="MODEL")
     add_train_options(p, sharding=True)
@@ -40,6 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--breakdown", action="store_true",
                    help="print every term of the estimate (default: the largest ones)")
+    add_job_options(p)
     p.set_defaults(func=run_fit)
 
     t = sub.add_parser("table", help="memory per model x method and the smallest GPU that fits",
@@ -88,6 +93,61 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="also regenerate the evidence block of this README from "
                         "validation/results/*.jsonl beside it (needs vramplan[report])")
     d.set_defaults(func=run_docs)
+
+
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """--tokens / --dataset-tokens + --epochs / --lengths: the size of the user's job."""
+    p.add_argument("--tokens", type=float, metavar="N",
+                   help="training tokens of the whole job (e.g. 2e9): time and cost for it")
+    p.add_argument("--dataset-tokens", type=float, metavar="N",
+                   help="tokens in one pass over your dataset (with --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset")
+    p.add_argument("--lengths", metavar="FILE",
+                   help="your dataset's token counts: one integer per line (one example each), "
+                        "or 'LENGTH COUNT' per line (a histogram); '#' starts a comment. Memory "
+                        "is sized for the longest example (a padded batch); time and cost are "
+                        "given for padding each batch to its longest and for packing")
+
+
+def job_tokens(args: argparse.Namespace) -> float | None:
+    """Training tokens of the job from --tokens or --dataset-tokens × --epochs (None: neither)."""
+    if args.epochs <= 0:
+        raise SpecError(f"--epochs {args.epochs:g}: must be positive")
+    given = [x for x in (args.tokens, args.dataset_tokens) if x is not None]
+    if len(given) > 1 or (given and args.lengths):
+        raise SpecError("give the job's size once: --tokens, --dataset-tokens or --lengths")
+    if given and given[0] <= 0:
+        raise SpecError("--tokens / --dataset-tokens must be positive")
+    if args.tokens is not None:
+        return args.tokens
+    return args.dataset_tokens * args.epochs if args.dataset_tokens is not None else None
+
+
+def read_lengths(path: str) -> dict[int, int]:
+    """A lengths file: one token count per line, or 'LENGTH COUNT' (a histogram)."""
+    from collections import Counter
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"--lengths {path}: no such file")
+    counts: Counter = Counter()
+    for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        fields = line.split("#", 1)[0].replace(",", " ").split()
+        if not fields:
+            continue
+        try:
+            nums = [int(x) for x in fields]
+        except ValueError:
+            raise SpecError(f"--lengths {path}:{i}: expected 'LENGTH' or 'LENGTH COUNT' as "
+                            f"integers, got {line.strip()[:40]!r}") from None
+        if len(nums) > 2 or nums[0] <= 0 or (len(nums) == 2 and nums[1] < 0):
+            raise SpecError(f"--lengths {path}:{i}: expected a positive LENGTH and an optional "
+                            f"COUNT >= 0, got {line.strip()[:40]!r}")
+        counts[nums[0]] += nums[1] if len(nums) == 2 else 1
+    counts = Counter({k: v for k, v in counts.items() if v})
+    if not counts:
+        raise SpecError(f"--lengths {path}: no lengths in the file")
+    return dict(counts)
 
 
 def _split(value: str, what: str) -> list[str]:
@@ -158,33 +218,76 @@ def _methods(value: str) -> list[str]:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from vramplan.profiles import load_planner_settings
+    from dataclasses import replace
+
     from vramplan.planner import plan
-    from vramplan.profiles import load_calibration, load_model
+    from vramplan.profiles import load_calibration, load_model, load_planner_settings
     from vramplan.report.breakdown import estimate_json, render_text, render_top_terms
     from vramplan.report.tables import render_fit_text
     from vramplan.sharding import sharded_view
 
     margin = parse_margin(args.margin)
     model, train = load_model(args.model), train_from_args(args)
+    tokens = job_tokens(args)
+    lengths = read_lengths(args.lengths) if args.lengths else None
+    if lengths:  # memory for the longest example: every padded batch is at most that long
+        train = replace(train, seq_len=max(lengths))
+        print(f"--lengths: {sum(lengths.values()):,} examples, {max(lengths):,} tokens at most: "
+              f"sizing memory for seq_len {max(lengths):,}", file=sys.stderr)
     gpus = select_gpus(args.gpus)
     calib = load_calibration(args.calibration)
     p = plan(model, train, gpus, calib, margin, catalog=args.gpus == "all")
     view = sharded_view(p.sharded)
-    cost = load_planner_settings()["cost"]
+    datasets = dataset_rows(p, model, train, calib, lengths, args.epochs) if lengths else None
     if args.json:
         print(json.dumps({"answer": p.answer, "setup": train.as_dict(),
                           "margin": {"bytes": margin.nbytes, "fraction": margin.fraction},
-                          "gpus": [f.as_dict() for f in p.fits],
-                          "cost_assumptions": {"mfu": cost["mfu"], "source": cost["source"],
-                                               "estimate": True},
+                          "job_tokens": tokens, "gpus": [f.as_dict() for f in p.fits],
+                          "dataset": datasets,
+                          "time_model": calib.get("time", {}).get("source"),
                           "estimate": estimate_json(view, calib=calib)}, indent=2))
         return 0
-    print(render_fit_text(p, float(cost["mfu"]),
-                          int(load_planner_settings()["search"]["max_gpus"])))
+    print(render_fit_text(p, int(load_planner_settings()["search"]["max_gpus"]), tokens))
+    if datasets:
+        print()
+        print(render_dataset(datasets, args.epochs))
     print()
     print(render_text(view) if args.breakdown else render_top_terms(view))
     return 0
+
+
+def dataset_rows(p, model, train, calib, lengths: dict[int, int], epochs: float) -> list[dict]:
+    """Padding and packing time and cost on every GPU the plan found a way to run on."""
+    from vramplan.cost import dataset_costs
+
+    rows = []
+    for f in p.fits:
+        if f.cost is None:
+            continue
+        pad, pack = dataset_costs(model, train, f.gpu, f.cost.n_gpus, calib, lengths, epochs)
+        for d in (pad, pack):
+            rows.append({"gpu": f.gpu.key, "n_gpus": f.cost.n_gpus, "mode": d.mode,
+                         "tokens": d.tokens, "computed_tokens": d.computed_tokens,
+                         "steps": d.steps, "hours": d.hours, "usd": d.usd,
+                         "time_basis": f.cost.label if f.cost.step else None})
+    return rows
+
+
+def render_dataset(rows: list[dict], epochs: float) -> str:
+    """The --lengths table: per GPU, padding vs packing."""
+    head = ["gpu", "GPUs", "mode", "tokens", "computed", "steps", "hours", "USD", "time"]
+    body = [[r["gpu"], str(r["n_gpus"]), r["mode"], f"{r['tokens']:,}",
+             f"{r['computed_tokens']:,}", f"{r['steps']:,}",
+             "-" if r["hours"] is None else f"{r['hours']:,.3g}",
+             "-" if r["usd"] is None else f"{r['usd']:,.0f}", r["time_basis"] or "-"]
+            for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = [f"Your dataset, {epochs:g} epoch(s): padding = each batch padded to its longest "
+             "example (random batches); packing = tokens concatenated into rows of the longest "
+             "example's length. computed = tokens the GPUs process, padding included."]
+    lines += ["  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in
+                        enumerate(zip(r, widths))) for r in [head, *body]]
+    return "\n".join(lines)
 
 
 def run_table(args: argparse.Namespace) -> int:

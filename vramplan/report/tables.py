@@ -170,10 +170,13 @@ def _num(x: float | None, spec: str) -> str:
     return MISSING if x is None else format(x, spec)
 
 
-def fit_rows(p: Plan, max_gpus: int = 64) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the `fit` table (GiB for display)."""
+def fit_rows(p: Plan, max_gpus: int = 64,
+             tokens: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the `fit` table (GiB for display); time and cost per 10^9 tokens, or
+    for the job's ``tokens`` when given."""
+    unit = "1B tok" if tokens is None else "job"
     head = ["gpu", "usable GiB", "verdict", "headroom GiB", "headroom %", "max seq",
-            "max batch", "min GPUs", "h/1B tok*", "$/1B tok*"]
+            "max batch", "min GPUs", "step s", f"h/{unit}", f"$/{unit}", "time"]
     rows = []
     for f in p.fits:
         c = f.cost
@@ -182,25 +185,32 @@ def fit_rows(p: Plan, max_gpus: int = 64) -> tuple[list[str], list[list[str]]]:
         if f.verdict and f.verdict.word == "needs bf16":
             gpus = MISSING  # no GPU count makes a bf16 setup run on it
         word = f.verdict.word if f.verdict else ("fits" if f.fits else "does not fit")
+        hours, usd = (c.hours_per_billion_tokens, c.usd_per_billion_tokens) if c else (None, None)
+        if c and tokens is not None:
+            hours, usd = c.job(tokens)
         rows.append([f.gpu.key, f"{f.gpu.capacity_bytes / GIB:.2f}", word,
                      f"{f.headroom_bytes / GIB:+.1f}", f"{f.headroom_pct:+.0f}",
                      _num(f.max_seq_len, "d"), _num(f.max_batch, "d"), gpus,
-                     _num(c.hours_per_billion_tokens if c else None, ",.0f"),
-                     _num(c.usd_per_billion_tokens if c else None, ",.0f")])
+                     _num(c.step.seconds if c and c.step else None, ".3f"),
+                     _num(hours, ",.1f" if tokens is not None else ",.0f"),
+                     _num(usd, ",.0f"), c.label if c and c.step else MISSING])
     return head, rows
 
 
-def render_fit_text(p: Plan, mfu: float, max_gpus: int = 64) -> str:
-    """The answer, the per-GPU table, and the footnote on the time/cost estimate."""
-    head, rows = fit_rows(p, max_gpus)
+def render_fit_text(p: Plan, max_gpus: int = 64, tokens: float | None = None) -> str:
+    """The answer, the per-GPU table, and the footnotes on time, cost and the columns."""
+    head, rows = fit_rows(p, max_gpus, tokens)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
                               for i, (x, w) in enumerate(zip(r, widths)))
     lines = [p.answer, "", fmt(head)] + [fmt(r) for r in rows]
-    lines += ["", f"* ESTIMATE: hours and USD per 10^9 training tokens at an assumed MFU of "
-              f"{mfu:.0%} of dense peak bf16 (fp16 for T4/V100), on the GPUs the run needs (num-gpus "
-              "if it fits, else min GPUs); "
-              "price = indicative on-demand list price per GPU-hour (- = no price in the catalog).",
+    per = "per 10^9 training tokens" if tokens is None else f"for {tokens:,.0f} training tokens"
+    lines += ["", f"step s: one optimizer step on one GPU from the step-time model (FLOPs, bytes "
+              f"moved, host ops); hours and USD {per} on the GPUs the run needs (num-gpus if it "
+              "fits, else min GPUs; communication between GPUs not counted). time: MEASURED = "
+              "the model's constants were fitted on this GPU's own step times; ESTIMATE = scaled "
+              "from another GPU's fit by datasheet TFLOPS and bandwidth. price = indicative "
+              "on-demand list price per GPU-hour (- = no price in the catalog).",
               "usable GiB: what CUDA lets a process allocate (below nvidia-smi's total). verdict: "
               "tight = may run, but the headroom is below the step's largest single allocation, "
               "the model's error on measured runs or --margin.",
