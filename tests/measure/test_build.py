@@ -131,3 +131,21 @@ def test_run_steps_measures_phases(root, setup, shim):
     assert len(out["losses"]) == 2 and all(loss == loss for loss in out["losses"])
     if train.method == "full":  # 8-bit states of every trainable tensor stay live after warm-up
         assert m["phases"]["forward"] - resident >= 2 * out["trainable_params"] * 0.9
+
+
+def test_timed_steps_run_after_the_memory_result_and_without_the_probe(root):
+    """Step time: the median of unprobed steps with a phase split; the memory peaks are those of
+    the probed steps, unchanged by the timed ones."""
+    train = TrainSpec(method="lora", lora_r=8, lora_dropout=0.0, seq_len=64, precision="bf16",
+                      optimizer="adamw", grad_accum=2)
+    model = finish_model(load_streaming(config(root, "llama-tiny"), train, "cpu"), train)
+    probe = CpuProbe()
+    out = run_steps(model, train, "cpu", warmup=1, measured=1, probe=probe, timed=3)
+    timed = out["timed"]
+    assert timed["timed_steps"] == 3 and len(timed["steps_s"]) == 3
+    assert timed["step_s"] == sorted(timed["steps_s"])[1]
+    assert set(timed["phases_s"]) == {"forward", "backward", "optimizer"}
+    assert sum(timed["phases_s"].values()) <= timed["step_s"] * 1.5
+    assert timed["tokens_per_s"] == pytest.approx(64 * 2 / timed["step_s"], rel=1e-3)
+    assert len(out["losses"]) == 2  # timed steps are not measured steps
+    assert out["measured"] == probe.result()

@@ -55,6 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(method=None)  # the table's methods come from --methods
     t.add_argument("--calibration", default="default")
     t.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
+    add_job_options(t, lengths=False)
     t.set_defaults(func=run_table)
 
     q = sub.add_parser("plot", help="breakdown or max-seq plots (PNG, needs matplotlib)",
@@ -95,13 +96,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_docs)
 
 
-def add_job_options(p: argparse.ArgumentParser) -> None:
+def add_job_options(p: argparse.ArgumentParser, lengths: bool = True) -> None:
     """--tokens / --dataset-tokens + --epochs / --lengths: the size of the user's job."""
     p.add_argument("--tokens", type=float, metavar="N",
                    help="training tokens of the whole job (e.g. 2e9): time and cost for it")
     p.add_argument("--dataset-tokens", type=float, metavar="N",
                    help="tokens in one pass over your dataset (with --epochs)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the dataset")
+    if not lengths:
+        p.set_defaults(lengths=None)
+        return
     p.add_argument("--lengths", metavar="FILE",
                    help="your dataset's token counts: one integer per line (one example each), "
                         "or 'LENGTH COUNT' per line (a histogram); '#' starts a comment. Memory "
@@ -300,8 +304,9 @@ def run_table(args: argparse.Namespace) -> int:
     models = [load_model(m) for m in _split(args.models, "models")]
     methods = _methods(args.methods)
     train = train_from_args(args, method=methods[0])
+    tokens = job_tokens(args)
     t = memory_table(models, methods, train, list(load_gpus().values()),
-                     load_calibration(args.calibration))
+                     load_calibration(args.calibration), 1e9 if tokens is None else tokens)
     print(render_table(t, args.format))
     if args.format == "csv":  # the csv itself stays one header line + rows
         print(t.caption, file=sys.stderr)

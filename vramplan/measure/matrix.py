@@ -28,7 +28,7 @@ BUILDS = ("pretrained", "streaming")
 TOP_KEYS = ("name", "description", "defaults", "case")
 _TRAIN_DEFAULTS = TrainSpec()
 TRAIN_KEYS = tuple(f.name for f in fields(TrainSpec))
-CASE_KEYS = ("id", "model", "build", "warmup_steps", "measured_steps") + TRAIN_KEYS
+CASE_KEYS = ("id", "model", "build", "warmup_steps", "measured_steps", "timed_steps") + TRAIN_KEYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +41,14 @@ class Case:
     warmup_steps: int = 1
     measured_steps: int = 1
     build: str = "pretrained"
+    #: steps timed without the memory probe after the measured ones (None: 3 on CUDA, 0 on CPU)
+    timed_steps: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready description (what the runner hands to the worker)."""
         return {"case_id": self.id, "model": self.model, "setup": self.train.as_dict(),
                 "warmup_steps": self.warmup_steps, "measured_steps": self.measured_steps,
-                "build": self.build}
+                "timed_steps": self.timed_steps, "build": self.build}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +102,15 @@ def parse_case(raw: dict[str, Any], index: int = 0) -> Case:
         raise SpecError(f"{where}: build {build!r} is not one of: {', '.join(BUILDS)}")
     warmup = _int(raw.get("warmup_steps", 1), "warmup_steps", where, minimum=0)
     measured = _int(raw.get("measured_steps", 1), "measured_steps", where, minimum=1)
+    timed = None if raw.get("timed_steps") is None else \
+        _int(raw["timed_steps"], "timed_steps", where, minimum=0)
     setup = {k: _check_type(k, v, where) for k, v in raw.items() if k in TRAIN_KEYS}
     try:
         train = TrainSpec(**setup)
     except SpecError as exc:
         raise SpecError(f"{where}: {exc}") from None
     return Case(id=case_id, model=model, train=train, warmup_steps=warmup,
-                measured_steps=measured, build=build)
+                measured_steps=measured, build=build, timed_steps=timed)
 
 
 def _check_keys(table: dict[str, Any], where: str, allow_id: bool) -> None:

@@ -8,7 +8,9 @@ A record::
                   "resident_bytes", "baseline_bytes", "phases": {...}} | null,
      "env": {"python", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "platform",
              "device_name", "driver", "cuda", "git_commit", "cpu_autocast_shim", ...},
-     "timing": {"started", "wall_s", ...}, "command": str}
+     "timing": {"started", "wall_s", "build_s", "warmup_s", "measured_s" (the probed steps),
+                "step_s", "steps_s", "tokens_per_s", "phases_s" (``timed_steps`` unprobed steps,
+                their median and phase split), ...}, "command": str}
 
 Files are only ever appended to: a crash can at worst leave a truncated last line, which
 :func:`read_records` reports and skips.
@@ -147,5 +149,6 @@ def new_record(case: dict[str, Any], matrix: str, device: str, command: str) -> 
     return {"case_id": case["case_id"], "matrix": matrix, "model": case["model"],
             "setup": case["setup"], "build": case.get("build", "pretrained"),
             "warmup_steps": case["warmup_steps"], "measured_steps": case["measured_steps"],
+            "timed_steps": case.get("timed_steps"),
             "device": device, "outcome": "error", "error": None, "measured": None,
             "env": base_env(), "timing": {"started": None, "wall_s": None}, "command": command}

@@ -121,8 +121,72 @@ def one_step(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, train: T
     return value
 
 
+class PhaseClock:
+    """Stands in for the memory probe while steps are timed: marks phase boundaries without
+    synchronising (CUDA events on the stream; wall clock on CPU) and reads them after the step."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.marks: list[tuple[str, Any]] = []
+
+    def _mark(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((name, ev))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def start_phase(self, name: str) -> None:
+        self._mark(name)
+
+    def end_phase(self) -> None:
+        pass
+
+    def phases(self, end: Any) -> dict[str, float]:
+        """Seconds per phase (summed over micro-steps), from each mark to the next."""
+        out: dict[str, float] = {}
+        marks = self.marks + [("end", end)]
+        for (name, a), (_, b) in zip(marks, marks[1:]):
+            dt = a.elapsed_time(b) / 1000 if self.cuda else b - a
+            out[name] = out.get(name, 0.0) + dt
+        return out
+
+
+def timed_steps(model: Any, opt: torch.optim.Optimizer, ids: torch.Tensor, train: TrainSpec,
+                device: str, count: int, held: dict[str, Any]) -> dict[str, Any]:
+    """Step time without the memory probe: each step runs from a synchronised start to a
+    synchronised end with no synchronisation inside it (as in training); the median over
+    ``count`` steps, tokens/s, and the phase split (CUDA events, read after the step)."""
+    from statistics import median
+
+    cuda = device.startswith("cuda")
+    steps, phases = [], []
+    for _ in range(count):
+        clock = PhaseClock(device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        one_step(model, opt, ids, train, device, clock, held)
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+        else:
+            end = time.perf_counter()
+        steps.append(time.perf_counter() - t0)
+        phases.append(clock.phases(end))
+    step = median(steps)
+    tokens = train.seq_len * train.batch * train.grad_accum
+    return {"timed_steps": count, "steps_s": [round(x, 4) for x in steps],
+            "step_s": round(step, 4), "tokens_per_s": round(tokens / step, 1),
+            "phases_s": {k: round(median(p[k] for p in phases), 4) for k in phases[0]},
+            "timing_method": "median of unprobed steps; phases from CUDA events" if cuda else
+            "median of unprobed steps; phases from the wall clock (CPU: not GPU time)"}
+
+
 def run_steps(model: Any, train: TrainSpec, device: str, warmup: int, measured: int,
-              probe: Any) -> dict[str, Any]:
+              probe: Any, timed: int = 0) -> dict[str, Any]:
     """Warm-up then measured steps under ``probe``; returns measured levels, losses and timings.
 
     The input batch is made before the probe starts (a data loader's batch is not part of the
@@ -150,6 +214,10 @@ def run_steps(model: Any, train: TrainSpec, device: str, warmup: int, measured: 
         finally:
             probe.stop()
     t2 = time.perf_counter()
-    return {"measured": probe.result(), "losses": losses, "cpu_autocast_shim": shim,
-            "trainable_params": sum(p.numel() for p in params),
-            "warmup_s": round(t1 - t0, 3), "measured_s": round(t2 - t1, 3)}
+    out = {"measured": probe.result(), "losses": losses, "cpu_autocast_shim": shim,
+           "trainable_params": sum(p.numel() for p in params),
+           "warmup_s": round(t1 - t0, 3), "measured_s": round(t2 - t1, 3)}
+    if timed:  # after the memory result is read: these steps cannot move its peaks
+        with cpu_autocast_shim() if shim else contextlib.nullcontext():
+            out["timed"] = timed_steps(model, opt, ids, train, device, timed, held)
+    return out

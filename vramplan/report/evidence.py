@@ -136,7 +136,33 @@ def readme_block(root: Path, calib: Mapping[str, Any]) -> str:
         README_START,
         f"Measured vs predicted over {names} (`vramplan check validation/results/*.jsonl "
         "--by source,method`; |relative error| of the estimate per level, successful runs):",
-        "", summary_markdown(summary(df, ("source", "method"))), "", README_END])
+        "", summary_markdown(summary(df, ("source", "method"))), "",
+        *time_block(paths, calib), README_END])
+
+
+def time_block(paths: Sequence[Path], calib: Mapping[str, Any]) -> list[str]:
+    """Step time, leave-one-out: each CUDA record of the calibration's GPU predicted by the
+    step-time model fitted on the other records."""
+    from statistics import median
+
+    from vramplan.calibrate import leave_one_out, time_rows
+    from vramplan.measure.records import read_records
+
+    fit = calib.get("time") or {}
+    source = [p for p in paths if str(fit.get("records", "")).endswith(p.name)]
+    if not source:
+        return []
+    rows = leave_one_out(time_rows(read_records(source[0])))
+    errs = {case: abs(p - y) / y for case, y, p in rows}
+    worst = max(errs, key=errs.get)
+    return [f"Step time (`vramplan calibrate validation/results/{source[0].name} --fit time "
+            f"--leave-one-out`; each of {len(errs)} {fit.get('gpu')} steps predicted by the "
+            f"step-time model fitted on the others): median |error| "
+            f"{_pct(median(errs.values()))}, max {_pct(errs[worst])} ({worst}). The shipped "
+            f"constants, fitted on all of them: matmul {fit.get('matmul_efficiency'):.0%} of "
+            f"datasheet peak, bandwidth {fit.get('bandwidth_efficiency'):.0%}, "
+            f"{fit.get('seconds_per_op', 0) * 1e6:.1f} µs per host op "
+            "(profiles/calibration/default.toml).", ""]
 
 
 def replace_block(text: str, block: str) -> str:

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
+from vramplan.cost import CostEstimate, cost_per_billion_tokens
 from vramplan.planner import Plan, per_gpu, runs_precision
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 from vramplan.units import GIB
@@ -20,7 +21,8 @@ from vramplan.units import GIB
 FORMATS = ("md", "csv", "html", "json")
 MISSING = "-"
 CSV_COLUMNS = ("model", "params", "method", "device_total_bytes", "smallest_gpu",
-               "smallest_gpu_memory_bytes", "smallest_gpu_capacity_bytes")
+               "smallest_gpu_memory_bytes", "smallest_gpu_capacity_bytes", "step_seconds",
+               "hours", "usd", "time_basis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +34,25 @@ class Cell:
     method: str
     device_total_bytes: int
     gpu: GpuSpec | None
+    cost: CostEstimate | None = None  # on that GPU
+    tokens: float = 1e9  # the job the hours and USD are for
+
+    @property
+    def job(self) -> tuple[float | None, float | None]:
+        return self.cost.job(self.tokens) if self.cost else (None, None)
 
     def as_dict(self) -> dict[str, Any]:
+        c = self.cost
+        hours, usd = self.job
         return {"model": self.model, "params": self.params, "method": self.method,
                 "device_total_bytes": self.device_total_bytes,
                 "smallest_gpu": self.gpu.key if self.gpu else None,
                 "smallest_gpu_memory_bytes": self.gpu.memory_bytes if self.gpu else None,
-                "smallest_gpu_capacity_bytes": self.gpu.capacity_bytes if self.gpu else None}
+                "smallest_gpu_capacity_bytes": self.gpu.capacity_bytes if self.gpu else None,
+                "step_seconds": round(c.step.seconds, 4) if c and c.step else None,
+                "hours": round(hours, 3) if hours is not None else None,
+                "usd": round(usd, 2) if usd is not None else None,
+                "time_basis": c.label if c and c.step else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,24 +89,31 @@ def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec],
 
 
 def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: TrainSpec,
-                 gpus: Sequence[GpuSpec], calib: Mapping[str, Any]) -> MemoryTable:
-    """Device total per model × method at one setup (the method varies, all else fixed)."""
+                 gpus: Sequence[GpuSpec], calib: Mapping[str, Any],
+                 tokens: float = 1e9) -> MemoryTable:
+    """Device total per model × method at one setup (the method varies, all else fixed), the
+    smallest GPU that holds it, and the time and cost of ``tokens`` training tokens there."""
     cells = []
     for m in models:
         for method in methods:
-            s = per_gpu(m, replace(train, method=method), calib)
-            cells.append(Cell(m.name, s.base.params_total, method, s.device_total_bytes,
-                              smallest_gpu(s.device_total_bytes, gpus, train)))
+            t = replace(train, method=method)
+            s = per_gpu(m, t, calib)
+            gpu = smallest_gpu(s.device_total_bytes, gpus, train)
+            cost = cost_per_billion_tokens(m, t, gpu, t.num_gpus, calib) if gpu else None
+            cells.append(Cell(m.name, s.base.params_total, method, s.device_total_bytes, gpu,
+                              cost, tokens))
     settings = {**train.as_dict(), "optimizer": {k: replace(train, method=k).resolved_optimizer
                                                  for k in methods},
                 "calibration": calib.get("name", "default"),
                 "calibration_status": calib.get("status", "fitted")}
     del settings["method"]
+    settings["job_tokens"] = tokens
     return MemoryTable(tuple(m.name for m in models), tuple(methods), tuple(cells),
-                       caption(train, methods, calib), settings)
+                       caption(train, methods, calib, tokens), settings)
 
 
-def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) -> str:
+def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any],
+            tokens: float = 1e9) -> str:
     """Every assumption behind the numbers, in one paragraph."""
     t = train
     opts = ", ".join(f"{k} {replace(t, method=k).resolved_optimizer}" for k in methods)
@@ -116,12 +137,22 @@ def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any]) 
     parts.append(f"calibration {calib.get('name', 'default')} ({status})")
     parts.append("GPU = the catalog GPU with the least usable (CUDA) memory at least the estimate"
                  + (" that has bf16 (not T4/V100)" if t.precision in ("bf16", "mixed") else ""))
+    fit = calib.get("time") or {}
+    parts.append(f"h and $ = hours and USD for {tokens:,.0f} training tokens on that GPU from the "
+                 "step-time model; MEAS = its constants were fitted on that GPU's own step times "
+                 f"({fit.get('gpu', 'none')}), EST = scaled from them by datasheet TFLOPS and "
+                 "bandwidth; $ needs a catalog price")
     return "; ".join(parts) + "."
 
 
 def _cell_text(c: Cell) -> str:
     where = c.gpu.key if c.gpu else "none fits"
-    return f"{c.device_total_bytes / GIB:.1f} GiB ({where})"
+    hours, usd = c.job
+    if hours is None:
+        return f"{c.device_total_bytes / GIB:.1f} GiB ({where})"
+    label = "MEAS" if c.cost.measured else "EST"
+    money = f", ${usd:,.0f}" if usd is not None else ""
+    return f"{c.device_total_bytes / GIB:.1f} GiB ({where}; {hours:,.3g} h{money} {label})"
 
 
 def _grid(t: MemoryTable) -> tuple[list[str], list[list[str]]]:
