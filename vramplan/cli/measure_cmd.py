@@ -184,19 +184,19 @@ def run_check(args: argparse.Namespace) -> int:
                                              "error": c.time_error} if c.step_s else None),
                            "problems": list(c.problems)} for c in rows], indent=2))
     else:
-        # 120 columns: the case, then measured/predicted GiB and the error per level; what went
-        # wrong (and notes) on an indented line under the case.
+        # 120 columns: the case, then measured/predicted GiB and the error per level, the step
+        # time's error; what went wrong (and notes) on an indented line under the case.
         short = {"peak_allocated_bytes": "alloc", "peak_reserved_bytes": "reserv",
                  "device_total_bytes": "device"}
-        print(f"{'case':<36} {'method':<6} " + " ".join(
+        print(f"{'case':<30} {'method':<6} " + " ".join(
             f"{short[lv] + ' meas/pred':>16} {'err':>6}" for lv in LEVELS) + f" {'step':>6}")
         for c in rows:
             cells = []
             for lv in LEVELS:
                 m, p = c.measured.get(lv), c.predicted.get(lv)
                 cells.append(f"{_gib(m):>7}/{_gib(p):<8} {_pct(c.errors.get(lv)):>6}")
-            name = c.case_id if len(c.case_id) <= 36 else c.case_id[:35] + "~"
-            print(f"{name:<36} {c.method:<6} " + " ".join(cells) + f" {_pct(c.time_error):>6}"
+            name = c.case_id if len(c.case_id) <= 30 else c.case_id[:29] + "~"
+            print(f"{name:<30} {c.method:<6} " + " ".join(cells) + f" {_pct(c.time_error):>6}"
                   + (" ok" if c.ok else " FAIL"))
             for line in (*c.problems, *c.notes):
                 print(f"    {line}")
@@ -232,9 +232,8 @@ def _summary(rows) -> None:
             print(f"{lv}: not measured in {unmeasured} record(s)")
     times = [abs(c.time_error) for c in rows if c.time_error is not None]
     if times:
-        print(f"step time (step column): median |error| {median(times):.1%}, max {max(times):.1%} "
-              f"over {len(times)} CUDA records, with the calibration fitted on them (the "
-              f"leave-one-out figures: vramplan calibrate RESULTS --fit time --leave-one-out)")
+        print(f"step time: median |error| {median(times):.1%}, max {max(times):.1%} over "
+              f"{len(times)} (in-sample; calibrate --fit time --leave-one-out for held-out)")
 
 
 def _gib(n) -> str:
