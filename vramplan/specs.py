@@ -6,7 +6,8 @@ change; the CLI turns it into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
+from functools import lru_cache
 
 METHODS = ("full", "lora", "qlora")
 QUANTS = ("nf4", "fp4", "int8")
@@ -155,20 +156,11 @@ class TrainSpec:
 
     def target_modules(self) -> tuple[str, ...] | None:
         """Explicit LoRA target names, or None for peft's "all-linear" (every linear but lm_head)."""
-        if self.lora_targets == "all-linear":
-            return None
-        if self.lora_targets == "attn":
-            return ATTN_MODULES
-        names = tuple(n.strip() for n in self.lora_targets.split(",") if n.strip())
-        _require(bool(names), "--lora-targets is empty")
-        unknown = [n for n in names if n not in LORA_MODULES]
-        _require(not unknown, f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
-                 f"all-linear, attn or {', '.join(LORA_MODULES)}")
-        return names
+        return parse_targets(self.lora_targets)
 
     def as_dict(self) -> dict[str, object]:
         """Every field with the optimizer resolved: the `setup` object of the JSON contract."""
-        d = asdict(self)
+        d = {name: getattr(self, name) for name in _TRAIN_FIELDS}
         d["optimizer"] = self.resolved_optimizer
         return d
 
@@ -217,6 +209,25 @@ class GpuSpec:
     def capacity_bytes(self) -> int:
         """The memory a run's device total is held against: the CUDA capacity when known."""
         return self.cuda_capacity_bytes or self.memory_bytes
+
+
+@lru_cache(maxsize=256)
+def parse_targets(text: str) -> tuple[str, ...] | None:
+    """--lora-targets parsed once per string: None for "all-linear", the attention projections
+    for "attn", else the named modules (validated)."""
+    if text == "all-linear":
+        return None
+    if text == "attn":
+        return ATTN_MODULES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    _require(bool(names), "--lora-targets is empty")
+    unknown = [n for n in names if n not in LORA_MODULES]
+    _require(not unknown, f"unknown LoRA target(s) {', '.join(unknown)}; choose from "
+             f"all-linear, attn or {', '.join(LORA_MODULES)}")
+    return names
+
+
+_TRAIN_FIELDS = tuple(f.name for f in fields(TrainSpec))
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Any, Mapping
 
 from vramplan.model import activations, optim, overhead, weights
 from vramplan.model.dtypes import dtypes_for
-from vramplan.model.ledger import LayerCtx, layer_ledger
+from vramplan.model.ledger import LayerCtx, Ledger, layer_ledger
 from vramplan.model.params import layer_linears, total_params, trainable_params
 from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.model.timeline import Replay, replay
@@ -62,20 +62,69 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
                           "raises): estimated with eager attention; pass --attn eager or "
                           "flash_attention_2")
     d = dtypes_for(t, device)
-    led = layer_ledger(LayerCtx(m, t, d))  # one replay of a decoder layer serves every user
+    shape_free = per_token_setup(t)
+    led = cached_ledger(m, shape_free, device)  # one decoder layer serves every user
     rp = step_replay(m, t, device, int(calib["cublas_workspace"]["bytes"]) // 2) \
         if device == "cuda" and allocator else None
-    terms = (*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
-             *optim.gradient_terms(m, t, d), *optim.accumulation_terms(m, t, d),
-             *optim.optimizer_terms(m, t, d, device),
-             *activations.activation_terms(m, t, d, led), *overhead.workspace_term(calib, device),
-             *overhead.allocator_cache_term(rp), *overhead.non_allocator_term(calib, device))
+    held = setup_terms(m, shape_free, device)
+    terms = (*held.terms, *activations.layer_terms(m, t, d, led),
+             *activations.workspace_terms(m, t, d, led), *activations.head_terms(m, t, d),
+             *activations.logits_terms(m, t, d), *held.transients,
+             *overhead.workspace_term(calib, device), *overhead.allocator_cache_term(rp),
+             *overhead.non_allocator_term(calib, device))
     lv = levels(terms)
     full = Breakdown(terms, inputs={"model": m.name, **t.as_dict(), "device": device},
                      notes=notes_for(m, t, calib, device) + overhead.segment_notes(rp))
-    return Estimate(m, t, device, full, total_params(m), trainable_params(m, t), lv.phase_bytes,
-                    lv.peak_phase, lv.peak_allocated_bytes, lv.peak_reserved_bytes,
-                    lv.device_total_bytes, lv.paged_bytes, rp)
+    return Estimate(m, t, device, full, held.params_total, held.params_trainable,
+                    lv.phase_bytes, lv.peak_phase, lv.peak_allocated_bytes,
+                    lv.peak_reserved_bytes, lv.device_total_bytes, lv.paged_bytes, rp)
+
+
+_SHAPE_FREE = tuple(f.name for f in fields(TrainSpec) if f.name not in ("seq_len", "batch"))
+_PER_TOKEN: dict[tuple, TrainSpec] = {}
+
+
+def per_token_setup(t: TrainSpec) -> TrainSpec:
+    """The setup with the batch shape taken out (seq 1, batch 1): what the resident terms and
+    the per-token layer ledger depend on. Eager attention's ledger holds s × s scores, so there
+    the sequence length stays. Memoised on the other fields (a sweep makes one per setup)."""
+    seq = t.seq_len if t.attn == "eager" else 1
+    key = (seq, *(getattr(t, name) for name in _SHAPE_FREE))
+    found = _PER_TOKEN.get(key)
+    if found is None:
+        if len(_PER_TOKEN) > 4096:
+            _PER_TOKEN.clear()
+        found = _PER_TOKEN[key] = replace(t, seq_len=seq, batch=1)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class SetupTerms:
+    """The terms that do not depend on the batch shape, and the parameter counts."""
+
+    terms: tuple[Term, ...]  # resident: weights, adapters, gradients, optimizer
+    transients: tuple[Term, ...]  # weight-sized buffers (:func:`activations.transient_terms`)
+    params_total: int
+    params_trainable: int
+
+
+@lru_cache(maxsize=4096)
+def setup_terms(m: ModelSpec, t: TrainSpec, device: str) -> SetupTerms:
+    """Weights, adapters, gradients, accumulation and optimizer terms: built once per model and
+    setup (a sweep over seq and batch reuses them; none of them reads seq_len or batch)."""
+    d = dtypes_for(t, device)
+    return SetupTerms((*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
+                       *optim.gradient_terms(m, t, d), *optim.accumulation_terms(m, t, d),
+                       *optim.optimizer_terms(m, t, d, device)),
+                      activations.transient_terms(m, t, d), total_params(m),
+                      trainable_params(m, t))
+
+
+@lru_cache(maxsize=4096)
+def cached_ledger(m: ModelSpec, t: TrainSpec, device: str) -> Ledger:
+    """The per-token ledger of a decoder layer (see :func:`per_token_setup`). Shared: read it,
+    never change it."""
+    return layer_ledger(LayerCtx(m, t, dtypes_for(t, device)))
 
 
 def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
@@ -113,14 +162,19 @@ def levels(terms: tuple[Term, ...]) -> Levels:
     the device total adds the device-level terms (memory outside the allocator). Paged-level
     terms (bitsandbytes managed memory) are summed apart.
     """
-    base = Breakdown(terms)
-    phases = {p: base.phase_bytes(p) for p in PHASES}
+    phases = dict.fromkeys(PHASES, 0)
+    by_level = {"allocated": 0, "reserved": 0, "device": 0, "paged": 0}
+    for x in terms:
+        if x.level == "allocated":
+            for p in x.phases:
+                phases[p] += x.nbytes
+        else:
+            by_level[x.level] += x.nbytes
     peak_phase = max(PHASES, key=lambda p: phases[p])
     peak = phases[peak_phase]
-    reserved = peak + sum(x.nbytes for x in terms if x.level == "reserved")
-    device_total = reserved + sum(x.nbytes for x in terms if x.level == "device")
-    paged = sum(x.nbytes for x in terms if x.level == "paged")
-    return Levels(phases, peak_phase, peak, reserved, device_total, paged)
+    reserved = peak + by_level["reserved"]
+    return Levels(phases, peak_phase, peak, reserved, reserved + by_level["device"],
+                  by_level["paged"])
 
 
 def check_targets(m: ModelSpec, t: TrainSpec) -> None:

@@ -13,6 +13,9 @@ ALWAYS = PHASES
 LEVELS = ("allocated", "reserved", "device", "paged")
 
 
+_PHASE_SET = frozenset(PHASES)
+
+
 @dataclass(frozen=True, slots=True)
 class Term:
     """One memory term: bytes, the phases in which it is live, its formula and its source."""
@@ -34,7 +37,7 @@ class Term:
             raise ValueError(f"term {self.key} has negative bytes {self.nbytes}")
         if self.level not in LEVELS:
             raise ValueError(f"term {self.key}: unknown level {self.level!r}")
-        unknown = set(self.phases) - set(PHASES)
+        unknown = set(self.phases) - _PHASE_SET
         if unknown:
             raise ValueError(f"term {self.key}: unknown phases {sorted(unknown)}")
 
@@ -49,7 +52,8 @@ class Breakdown:
 
     def __post_init__(self) -> None:
         keys = [t.key for t in self.terms]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) \
+            else []
         if dupes:
             raise ValueError(f"duplicate term keys: {dupes}")
 
