@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test docs install clean
+.PHONY: run test test-slow docs install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the tests marked slow (every live CPU family, the wheel install, runner timeouts); CI runs them
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 docs: $(STAMP)
 	$(BIN)/vramplan docs --out docs --readme README.md

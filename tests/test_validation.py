@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vramplan.cli import main
 
 TOLERANCE = "0.05"  # the issue's acceptance bound; not to be loosened to make a case pass
@@ -19,7 +21,20 @@ def test_committed_cpu_ci_results_pass_check(root, capsys):
     assert main(["check", str(path), "--tolerance", TOLERANCE]) == 0
 
 
-def test_live_cpu_smoke_run_matches_the_estimate(root, tmp_path, capsys):
+def test_live_cpu_steps_match_the_estimate(root, tmp_path, capsys):
+    """Real CPU training steps through `vramplan measure`, then `vramplan check` at 5%. The
+    cases (validation/matrices/cpu-live.toml) are 70-90% decoder-layer activations at their peak,
+    so a layer term off by 10% fails this test; every family's smoke cases run in CI
+    (`make test-slow`)."""
+    out = tmp_path / "live.jsonl"
+    assert main(["measure", str(root / "validation/matrices/cpu-live.toml"), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
+    assert main(["check", str(out), "--tolerance", TOLERANCE]) == 0
+
+
+@pytest.mark.slow
+def test_live_cpu_smoke_run_of_every_family_matches_the_estimate(root, tmp_path, capsys):
     out = tmp_path / "smoke.jsonl"
     assert main(["measure", str(root / "validation/matrices/cpu-smoke.toml"), "--device", "cpu",
                  "--out", str(out)]) == 0

@@ -91,6 +91,7 @@ def test_runner_keeps_going_after_failing_cases(matrix, tmp_path):
     assert all(json.loads(line) for line in out.read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_timeout_and_resume(matrix, tmp_path):
     """A hanging case is killed at the timeout; resume skips recorded ids."""
     out = tmp_path / "out.jsonl"
