@@ -19,3 +19,11 @@ def calib():
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def search():
+    """The shipped planner search bounds (profiles/planner.toml)."""
+    from vramplan.profiles import load_search
+
+    return load_search()

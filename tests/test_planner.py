@@ -20,12 +20,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("field,search", [("seq_len", max_seq_len), ("batch", max_batch)],
+@pytest.mark.parametrize("field,finder", [("seq_len", max_seq_len), ("batch", max_batch)],
                          ids=["max_seq", "max_batch"])
 @pytest.mark.parametrize("name,train,gpu", CASES.values(), ids=CASES.keys())
-def test_reported_maximum_fits_and_one_more_does_not(calib, name, train, gpu, field, search):
+def test_reported_maximum_fits_and_one_more_does_not(calib, name, train, gpu, field, finder,
+                                                     search):
     m, g = load_model(name), load_gpu(gpu)
-    best = search(m, train, g, calib)
+    best = finder(m, train, g, calib, search=search)
     assert best is not None
     anchor = getattr(train, field)
     assert search_fits(m, replace(train, **{field: best}), g, calib, field, anchor)
@@ -45,10 +46,10 @@ def test_search_total_is_exact_at_the_users_value_and_at_powers_of_two(calib, na
             per_gpu(m, t, calib).device_total_bytes
 
 
-def test_nothing_fits_gives_none(calib):
+def test_nothing_fits_gives_none(calib, search):
     m, g = load_model("llama-2-70b"), load_gpu("rtx-3060-12gb")
-    assert max_seq_len(m, TrainSpec(), g, calib) is None
-    assert max_batch(m, TrainSpec(), g, calib) is None
+    assert max_seq_len(m, TrainSpec(), g, calib, search=search) is None
+    assert max_batch(m, TrainSpec(), g, calib, search=search) is None
 
 
 @pytest.mark.parametrize("limit", [1, 2, 3, 17, 1000, 4096])
@@ -57,16 +58,16 @@ def test_largest_fitting_is_exact(limit):
     assert largest_fitting(lambda x: x <= limit, start=1, cap=4096) == limit
 
 
-def test_min_gpus_is_the_smallest_count(calib):
+def test_min_gpus_is_the_smallest_count(calib, search):
     m, g = load_model("llama-2-70b"), load_gpu("rtx-4090")
-    n, scheme = min_gpus(m, TrainSpec(), g, calib)
+    n, scheme = min_gpus(m, TrainSpec(), g, calib, search=search)
     assert scheme == "zero3" and n is not None and n > 1
     assert fits_on(m, TrainSpec(shard="zero3", num_gpus=n), g, calib)
     assert not fits_on(m, TrainSpec(shard="zero3", num_gpus=n - 1), g, calib)
 
 
-def test_fit_headroom_is_against_cuda_capacity(calib):
-    f = fit_gpu(load_model("llama-3.1-8b"), TrainSpec(), load_gpu("rtx-4090"), calib)
+def test_fit_headroom_is_against_cuda_capacity(calib, search):
+    f = fit_gpu(load_model("llama-3.1-8b"), TrainSpec(), load_gpu("rtx-4090"), calib, search=search)
     assert f.gpu.capacity_bytes < f.gpu.memory_bytes
     assert f.headroom_bytes == f.gpu.capacity_bytes - f.device_total_bytes
     assert f.fits == (f.verdict.word == FITS)
@@ -74,17 +75,17 @@ def test_fit_headroom_is_against_cuda_capacity(calib):
     assert f.min_gpus == 1
 
 
-def test_plan_picks_the_smallest_gpu_that_fits(calib):
+def test_plan_picks_the_smallest_gpu_that_fits(calib, search):
     gpus = list(load_gpus().values())
-    p = plan(load_model("llama-3.1-8b"), TrainSpec(), gpus, calib)
+    p = plan(load_model("llama-3.1-8b"), TrainSpec(), gpus, calib, search=search)
     fitting = [f for f in p.fits if f.fits]
     assert p.choice.gpu.capacity_bytes == min(f.gpu.capacity_bytes for f in fitting)
     assert p.choice.gpu.name in p.answer
 
 
-def test_plan_falls_back_to_several_gpus(calib):
+def test_plan_falls_back_to_several_gpus(calib, search):
     gpus = [load_gpu("rtx-4090"), load_gpu("a100-80gb")]
-    p = plan(load_model("llama-65b"), TrainSpec(method="full"), gpus, calib)
+    p = plan(load_model("llama-65b"), TrainSpec(method="full"), gpus, calib, search=search)
     assert not any(f.fits for f in p.fits)
     assert p.choice is not None and p.choice.min_gpus > 1
     assert f"{p.choice.min_gpus} × {p.choice.gpu.name}" in p.answer
@@ -143,20 +144,20 @@ def per_gpu_est(m, t, calib):
     return per_gpu(m, t, calib)
 
 
-def test_gpus_without_bf16_say_so_instead_of_fitting(calib):
+def test_gpus_without_bf16_say_so_instead_of_fitting(calib, search):
     # T4 and V100 have no bf16 tensor cores: a bf16 / mixed setup gets "needs bf16", never a fit
     m = load_model("llama-2-13b")
     for key in ("t4", "v100-32gb"):
-        f = fit_gpu(m, TrainSpec(), load_gpu(key), calib)
+        f = fit_gpu(m, TrainSpec(), load_gpu(key), calib, search=search)
         assert f.verdict.word == "needs bf16" and not f.fits and f.max_seq_len is None
-        assert fit_gpu(m, TrainSpec(precision="fp16"), load_gpu(key), calib).verdict.word != \
+        assert fit_gpu(m, TrainSpec(precision="fp16"), load_gpu(key), calib, search=search).verdict.word != \
             "needs bf16"
 
 
-def test_max_seq_stops_at_the_models_context(calib):
+def test_max_seq_stops_at_the_models_context(calib, search):
     m = load_model("llama-2-7b")  # max_position_embeddings 4096
     assert m.max_context == 4096
-    assert max_seq_len(m, TrainSpec(), load_gpu("h200"), calib) == 4096
+    assert max_seq_len(m, TrainSpec(), load_gpu("h200"), calib, search=search) == 4096
 
 
 def test_your_own_card_by_usable_memory(capsys):
@@ -179,11 +180,11 @@ def test_filtered_gpus_answer_about_those_gpus(capsys):
     assert "GPU asked about" in first and "catalog" not in first
 
 
-def test_suggest_ranks_quality_first_and_every_suggestion_fits_as_reported(calib):
+def test_suggest_ranks_quality_first_and_every_suggestion_fits_as_reported(calib, search):
     from vramplan.planner import QUALITY, suggest
 
     m, g = load_model("llama-3.1-8b"), load_gpu("rtx-4090")
-    rows = suggest(m, g, calib)
+    rows = suggest(m, g, calib, search=search)
     assert rows and all(s.train.method != "full" for s in rows)  # 8B full needs >100 GiB
     keys = [(QUALITY[s.train.method], -s.max_seq_len) for s in rows]
     assert keys == sorted(keys)  # quality first, then the longest sequence
@@ -192,10 +193,10 @@ def test_suggest_ranks_quality_first_and_every_suggestion_fits_as_reported(calib
         assert search_fits(m, t, g, calib, "seq_len", s.train.seq_len)
 
 
-def test_suggest_on_a_card_without_bf16_uses_fp16(calib):
+def test_suggest_on_a_card_without_bf16_uses_fp16(calib, search):
     from vramplan.planner import suggest
 
-    rows = suggest(load_model("qwen2.5-0.5b"), load_gpu("t4"), calib)
+    rows = suggest(load_model("qwen2.5-0.5b"), load_gpu("t4"), calib, search=search)
     assert rows and {s.train.precision for s in rows} == {"fp16"}
     assert rows[0].train.method == "full"  # 0.5B full fine-tuning fits a T4 in fp16
 

@@ -1,4 +1,4 @@
-"""Per-GPU memory under ZeRO / FSDP (vramplan.sharding)."""
+"""Per-GPU memory under ZeRO / FSDP (vramplan.model.sharding)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from vramplan.model.estimate import estimate
 from vramplan.profiles import load_model
-from vramplan.sharding import WHOLE_MODEL_COPIES, shard_estimate
+from vramplan.model.sharding import WHOLE_MODEL_COPIES, shard_estimate
 from vramplan.specs import TrainSpec
 
 STATE_GROUPS = ("weights", "gradients", "optimizer")
@@ -16,7 +16,7 @@ STATE_GROUPS = ("weights", "gradients", "optimizer")
 
 def _states(breakdown) -> int:
     """Model states: weights, gradients and optimizer states (not the step's temporaries)."""
-    from vramplan.sharding import STEP_TRANSIENTS
+    from vramplan.model.sharding import STEP_TRANSIENTS
 
     return sum(breakdown.group_bytes(g) for g in STATE_GROUPS) - \
         sum(t.nbytes for t in breakdown.terms if t.key in STEP_TRANSIENTS)

@@ -2,7 +2,7 @@
 GPU count with sharding.
 
 A setup's per-GPU device total (reserved + memory outside the allocator, after sharding; see
-:mod:`vramplan.sharding`) is held against the GPU's CUDA capacity (what ``torch.cuda`` lets a
+:mod:`vramplan.model.sharding`) is held against the GPU's CUDA capacity (what ``torch.cuda`` lets a
 process allocate, ``GpuSpec.capacity_bytes``), not the NVML total. The verdict:
 
 - *does not fit*: even the live tensors (peak allocated) and the memory outside the allocator
@@ -27,10 +27,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from vramplan.cost import CostEstimate, cost_per_billion_tokens
-from vramplan.profiles import load_planner_settings
 from vramplan.model.estimate import Estimate, estimate
-from vramplan.sharding import ShardedEstimate, shard_estimate
-from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
+from vramplan.model.sharding import ShardedEstimate, shard_estimate
+from vramplan.specs import GpuSpec, ModelSpec, Search, TrainSpec
 from vramplan.units import GIB
 
 PERCENT = 100
@@ -211,10 +210,10 @@ def search_fits(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping
 
 
 def max_seq_len(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
-                margin: Margin = Margin()) -> int | None:
+                margin: Margin = Margin(), *, search: Search) -> int | None:
     """Largest seq_len (1-token resolution) within the capacity, batch and the rest fixed, and
-    never past the model's context (``max_position_embeddings``)."""
-    cap = int(load_planner_settings()["search"]["max_seq_len"])
+    never past the model's context (``max_position_embeddings``) or ``search.max_seq_len``."""
+    cap = search.max_seq_len
     if model.max_context:
         cap = min(cap, model.max_context)
     return largest_fitting(lambda s: search_fits(model, replace(train, seq_len=s), gpu, calib,
@@ -223,35 +222,35 @@ def max_seq_len(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping
 
 
 def max_batch(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
-              margin: Margin = Margin()) -> int | None:
-    """Largest micro-batch within the capacity, seq_len and the rest fixed."""
-    cap = int(load_planner_settings()["search"]["max_batch"])
+              margin: Margin = Margin(), *, search: Search) -> int | None:
+    """Largest micro-batch within the capacity (at most ``search.max_batch``), seq_len and the
+    rest fixed."""
+    cap = search.max_batch
     return largest_fitting(lambda b: search_fits(model, replace(train, batch=b), gpu, calib,
                                                  "batch", train.batch, margin),
                            train.batch, cap)
 
 
 def min_gpus(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
-             margin: Margin = Margin()) -> tuple[int | None, str]:
+             margin: Margin = Margin(), *, search: Search) -> tuple[int | None, str]:
     """(smallest N in 1..max_gpus whose verdict is "fits", the scheme used).
 
     With ``train.shard`` set, that scheme; with none, one GPU unsharded, then the fallback scheme
     (profiles/planner.toml, zero3) from two GPUs on. A linear scan: no monotonicity in N assumed.
     Every N shares one allocator replay (that of one unsharded rank).
     """
-    settings = load_planner_settings()["search"]
-    scheme = train.shard if train.shard != "none" else str(settings["fallback_shard"])
+    scheme = train.shard if train.shard != "none" else search.fallback_shard
     if train.shard == "none" and fits_on(model, replace(train, num_gpus=1), gpu, calib, margin):
         return 1, "none"
     first = 1 if train.shard != "none" else 2
-    for n in range(first, int(settings["max_gpus"]) + 1):
+    for n in range(first, search.max_gpus + 1):
         if fits_on(model, replace(train, shard=scheme, num_gpus=n), gpu, calib, margin):
             return n, scheme
     return None, scheme
 
 
 def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
-            margin: Margin = Margin()) -> GpuFit:
+            margin: Margin = Margin(), *, search: Search) -> GpuFit:
     """How `train` sits on `gpu`: verdict, headroom, max seq/batch, GPU count, time and cost."""
     s = per_gpu(model, train, calib)
     v = verdict(s, gpu, calib, margin)
@@ -260,20 +259,21 @@ def fit_gpu(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str
     if v.word == NEEDS_BF16:  # it cannot run this setup at any size
         return GpuFit(gpu, total, False, room, PERCENT * room / gpu.capacity_bytes, None, None,
                       None, train.shard, None, v)
-    n, scheme = min_gpus(model, train, gpu, calib, margin)
+    n, scheme = min_gpus(model, train, gpu, calib, margin, search=search)
     run_gpus = train.num_gpus if v.fits else n
     cost = cost_per_billion_tokens(model, train, gpu, run_gpus, calib) if run_gpus else None
     return GpuFit(gpu, total, v.fits, room, PERCENT * room / gpu.capacity_bytes,
-                  max_seq_len(model, train, gpu, calib, margin),
-                  max_batch(model, train, gpu, calib, margin), n, scheme, cost, v)
+                  max_seq_len(model, train, gpu, calib, margin, search=search),
+                  max_batch(model, train, gpu, calib, margin, search=search), n, scheme, cost, v)
 
 
 def plan(model: ModelSpec, train: TrainSpec, gpus: Sequence[GpuSpec],
-         calib: Mapping[str, Any], margin: Margin = Margin(), catalog: bool = True) -> Plan:
+         calib: Mapping[str, Any], margin: Margin = Margin(), catalog: bool = True, *,
+         search: Search) -> Plan:
     """Fit every GPU and choose: the smallest-capacity GPU that fits as set up, else the
     multi-GPU option with the least total memory (ties: fewer GPUs, then catalog order)."""
     sharded = per_gpu(model, train, calib)
-    fits = tuple(fit_gpu(model, train, g, calib, margin) for g in gpus)
+    fits = tuple(fit_gpu(model, train, g, calib, margin, search=search) for g in gpus)
     single = [f for f in fits if f.fits]
     if single:
         choice = min(single, key=lambda f: f.gpu.capacity_bytes)
@@ -336,7 +336,8 @@ SUGGEST_RANKS = (64, 16)
 
 
 def suggest(model: ModelSpec, gpu: GpuSpec, calib: Mapping[str, Any],
-            base: TrainSpec = TrainSpec(), margin: Margin = Margin()) -> list[Suggestion]:
+            base: TrainSpec = TrainSpec(), margin: Margin = Margin(), *,
+            search: Search) -> list[Suggestion]:
     """What runs on ``gpu``: every method x checkpointing (x LoRA rank 64/16) that fits at least
     one sequence, ranked quality first (full > LoRA > QLoRA), then the longest sequence, then
     the larger rank, then without checkpointing (faster). bf16 setups become fp16 on GPUs
@@ -351,10 +352,11 @@ def suggest(model: ModelSpec, gpu: GpuSpec, calib: Mapping[str, Any],
             for ckpt in (True, False):
                 t = replace(base, method=method, lora_r=r, grad_ckpt=ckpt, precision=precision,
                             optimizer="" if base.optimizer in ("",) else base.optimizer)
-                seq = max_seq_len(model, t, gpu, calib, margin)
+                seq = max_seq_len(model, t, gpu, calib, margin, search=search)
                 if seq is None:
                     continue
-                out.append(Suggestion(t, seq, max_batch(model, t, gpu, calib, margin),
+                out.append(Suggestion(t, seq, max_batch(model, t, gpu, calib, margin,
+                                                        search=search),
                                       verdict(per_gpu(model, t, calib), gpu, calib, margin)))
     out.sort(key=lambda s: (QUALITY[s.train.method], -(s.max_seq_len or 0), -s.train.lora_r,
                             s.train.grad_ckpt))

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vramplan.specs import GpuSpec, ModelSpec, SpecError
+from vramplan.specs import GpuSpec, ModelSpec, Search, SpecError
 
 #: model_type -> family facts that the config.json does not spell out (read from transformers 5.x
 #: ``models/<family>/modeling_<family>.py`` and ``configuration_<family>.py``).
@@ -262,9 +262,16 @@ def load_gpus() -> dict[str, GpuSpec]:
 
 @lru_cache(maxsize=None)
 def load_planner_settings() -> dict[str, Any]:
-    """profiles/planner.toml: search bounds and the assumed MFU with its source."""
+    """profiles/planner.toml: the planner's search bounds."""
     with (profiles_dir() / "planner.toml").open("rb") as fh:
         return tomllib.load(fh)
+
+
+def load_search() -> Search:
+    """The planner's search bounds (profiles/planner.toml [search]), for its callers to pass."""
+    s = load_planner_settings()["search"]
+    return Search(int(s["max_seq_len"]), int(s["max_batch"]), int(s["max_gpus"]),
+                  str(s["fallback_shard"]))
 
 
 def load_gpu(key: str) -> GpuSpec:

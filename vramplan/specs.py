@@ -211,6 +211,23 @@ class GpuSpec:
         return self.cuda_capacity_bytes or self.memory_bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Search:
+    """Bounds of the planner's searches (profiles/planner.toml, read by ``profiles.load_search``
+    and handed to the planner by its caller)."""
+
+    max_seq_len: int  # upper bound of the max-seq search
+    max_batch: int  # upper bound of the max-batch search
+    max_gpus: int  # GPU counts tried by min_gpus: 1..max_gpus
+    fallback_shard: str  # the scheme tried when the setup asks for none and one GPU is too few
+
+    def __post_init__(self) -> None:
+        _require(min(self.max_seq_len, self.max_batch, self.max_gpus) >= 1,
+                 "planner search bounds must be positive")
+        _require(self.fallback_shard in SHARDS[1:],
+                 f"fallback_shard {self.fallback_shard!r} is not one of {SHARDS[1:]}")
+
+
 @lru_cache(maxsize=256)
 def parse_targets(text: str) -> tuple[str, ...] | None:
     """--lora-targets parsed once per string: None for "all-linear", the attention projections

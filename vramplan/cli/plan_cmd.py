@@ -225,10 +225,10 @@ def run_fit(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from vramplan.planner import plan
-    from vramplan.profiles import load_calibration, load_model, load_planner_settings
+    from vramplan.profiles import load_calibration, load_model, load_search
     from vramplan.report.breakdown import estimate_json, render_text, render_top_terms
     from vramplan.report.tables import render_fit_text
-    from vramplan.sharding import sharded_view
+    from vramplan.model.sharding import sharded_view
 
     margin = parse_margin(args.margin)
     model, train = load_model(args.model), train_from_args(args)
@@ -240,7 +240,8 @@ def run_fit(args: argparse.Namespace) -> int:
               f"sizing memory for seq_len {max(lengths):,}", file=sys.stderr)
     gpus = select_gpus(args.gpus)
     calib = load_calibration(args.calibration)
-    p = plan(model, train, gpus, calib, margin, catalog=args.gpus == "all")
+    search = load_search()
+    p = plan(model, train, gpus, calib, margin, catalog=args.gpus == "all", search=search)
     view = sharded_view(p.sharded)
     datasets = dataset_rows(p, model, train, calib, lengths, args.epochs) if lengths else None
     if args.json:
@@ -251,7 +252,7 @@ def run_fit(args: argparse.Namespace) -> int:
                           "time_model": calib.get("time", {}).get("source"),
                           "estimate": estimate_json(view, calib=calib)}, indent=2))
         return 0
-    print(render_fit_text(p, int(load_planner_settings()["search"]["max_gpus"]), tokens))
+    print(render_fit_text(p, search.max_gpus, tokens))
     if datasets:
         print()
         print(render_dataset(datasets, args.epochs))
@@ -318,7 +319,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     from vramplan.planner import max_seq_len, per_gpu
-    from vramplan.profiles import load_calibration, load_model
+    from vramplan.profiles import load_calibration, load_model, load_search
     from vramplan.report.plots import plot_breakdown, plot_maxseq, save_png, setup_line
 
     from vramplan.cli.common import output_path
@@ -331,7 +332,9 @@ def run_plot(args: argparse.Namespace) -> int:
         fig = plot_breakdown(model.name, by_method)
     else:
         train = train_from_args(args)
-        rows = [(g.key, max_seq_len(model, train, g, calib)) for g in select_gpus(args.gpus)]
+        search = load_search()
+        rows = [(g.key, max_seq_len(model, train, g, calib, search=search))
+                for g in select_gpus(args.gpus)]
         fig = plot_maxseq(model.name, train.method, rows, setup_line(train))
     save_png(fig, args.out)
     print(f"wrote {args.out}")
@@ -374,7 +377,7 @@ def run_docs(args: argparse.Namespace) -> int:
 
 def run_suggest(args: argparse.Namespace) -> int:
     from vramplan.planner import suggest
-    from vramplan.profiles import load_calibration, load_model
+    from vramplan.profiles import load_calibration, load_model, load_search
     from vramplan.specs import TrainSpec
 
     gpus = select_gpus(args.gpus)
@@ -383,7 +386,7 @@ def run_suggest(args: argparse.Namespace) -> int:
     gpu, margin = gpus[0], parse_margin(args.margin)
     model = load_model(args.model)
     rows = suggest(model, gpu, load_calibration(args.calibration), TrainSpec(seq_len=args.seq_len),
-                   margin)
+                   margin, search=load_search())
     if args.json:
         print(json.dumps([{"setup": s.train.as_dict(), "max_seq_len": s.max_seq_len,
                            "max_batch": s.max_batch, "verdict": s.verdict.word} for s in rows],

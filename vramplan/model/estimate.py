@@ -129,7 +129,7 @@ def cached_ledger(m: ModelSpec, t: TrainSpec, device: str) -> Ledger:
 
 def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
     """The allocator replay of one setup, memoised: sharding options do not change it (the
-    replay is of one unsharded rank; see :func:`vramplan.sharding.shard_estimate`)."""
+    replay is of one unsharded rank; see :func:`vramplan.model.sharding.shard_estimate`)."""
     if t.shard != "none" or t.num_gpus != 1:
         t = replace(t, shard="none", num_gpus=1)
     return cached_replay(m, t, device, workspace)

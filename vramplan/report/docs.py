@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from vramplan.planner import per_gpu
-from vramplan.profiles import load_model
+from vramplan.profiles import load_model, load_search
 from vramplan.report.tables import markdown, memory_table, render_table
-from vramplan.sharding import ShardedEstimate
+from vramplan.model.sharding import ShardedEstimate
 from vramplan.specs import GpuSpec, TrainSpec
 from vramplan.units import GB, GIB
 
@@ -192,7 +192,7 @@ def cheapest_run(m, t: TrainSpec, calib: Mapping[str, Any]) -> tuple[Any, Any] |
     for g in load_gpus().values():
         if g.price_usd_per_hour is None:
             continue
-        f = fit_gpu(m, t, g, calib)
+        f = fit_gpu(m, t, g, calib, search=load_search())
         if f.cost is None or f.cost.usd_per_billion_tokens is None:
             continue
         key = (g.price_usd_per_hour * f.cost.n_gpus, f.cost.usd_per_billion_tokens)
@@ -351,7 +351,7 @@ def write_plots(out: Path, gpus: Sequence[GpuSpec], calib: Mapping[str, Any]) ->
     p1 = out / f"breakdown-{PLOT_MODEL}.png"
     save_png(plot_breakdown(PLOT_MODEL, by_method, big), str(p1))
     train = TrainSpec(method=PLOT_METHOD)
-    rows = [(g.key, max_seq_len(m, train, g, calib)) for g in gpus]
+    rows = [(g.key, max_seq_len(m, train, g, calib, search=load_search())) for g in gpus]
     p2 = out / f"maxseq-{PLOT_MODEL}-{PLOT_METHOD}.png"
     save_png(plot_maxseq(PLOT_MODEL, PLOT_METHOD, rows, setup_line(train)), str(p2))
     return [p1, p2]

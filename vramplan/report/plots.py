@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vramplan.model.terms import GROUPS
-from vramplan.sharding import ShardedEstimate
+from vramplan.model.sharding import ShardedEstimate
 from vramplan.units import GIB
 
 #: Reproducible PNGs: no software/version stamp in the file's metadata.
