@@ -15,6 +15,7 @@ A traced step must run the code a real step runs, op for op. Two things would se
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,13 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         if "dynamic" not in bnbf.name2qmap:
             bnbf.name2qmap["dynamic"] = bnbf.create_dynamic_map()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # Module.to() swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which
+    # refuses a tensor that has a weakref, and peft moves every new LoRA module with .to(). Fake
+    # tensors get weakrefs from the dispatch cache (finalizers on some arguments) and from the
+    # converter's memo of every operator output (a fresh meta tensor each time, so the memo never
+    # hits): both are turned off for this mode.
+    mode.cache_enabled = False
+    mode.fake_tensor_converter.from_meta_and_device = functools.partial(_unmemoized, FakeTensor)
     with mode:
         yield mode
 
@@ -57,6 +65,12 @@ def untraced_transformers() -> Iterator[None]:
         yield
     finally:
         import_utils.is_fake_tensor = original
+
+
+def _unmemoized(cls: type, fake_mode: FakeTensorMode, t: torch.Tensor, device: torch.device,
+                pytype: type | None = None, dispatch_keys: Any = None) -> FakeTensor:
+    """``FakeTensorConverter.from_meta_and_device`` without the memo (see :func:`fake_mode`)."""
+    return cls(fake_mode, t, device, pytype=pytype, dispatch_keys=dispatch_keys)
 
 
 def _outputs_bytes(out: Any) -> int:
