@@ -88,13 +88,19 @@ def with_layers(cfg: dict[str, Any], layers: int | None) -> dict[str, Any]:
     return out
 
 
-def build_fake_model(cfg: dict[str, Any], train: TrainSpec, device: str) -> Any:
-    """The harness's model for ``cfg``/``train`` with fake parameters (call under fake mode)."""
+def build_fake_model(cfg: dict[str, Any], train: TrainSpec, device: str, mode: Any) -> Any:
+    """The harness's model for ``cfg``/``train``, its parameters fake tensors of ``mode``."""
     from vramplan.measure.build import finish_model, load_streaming
+    from vramplan.trace.quant import fake_loading
 
-    model = load_streaming(cfg, train, device)
-    fake_buffers(model)
-    return finish_model(model, train)
+    if train.method == "qlora" and train.quant == "int8":
+        raise SpecError("the trace engine does not do int8 QLoRA yet (bitsandbytes Int8Params "
+                        "on fake tensors); use nf4 or fp4")
+    with fake_loading(mode):
+        model = load_streaming(cfg, train, device)
+    with mode:
+        fake_buffers(model)
+        return finish_model(model, train)
 
 
 def fake_buffers(model: Any) -> None:
@@ -129,10 +135,12 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     # the batch is real (b x s token ids): transformers' checks on it get real answers
     ids = torch.randint(0, hf_config(cfg).get_text_config().vocab_size,
                         (train.batch, train.seq_len), device=device)
-    with fake_mode():
-        model = build_fake_model(cfg, train, device)
+    mode = fake_mode()
+    model = build_fake_model(cfg, train, device, mode)
+    with mode:
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, train.resolved_optimizer)
+        with SmallReal():  # bitsandbytes optimizers build their code tables with .tolist()
+            opt = make_optimizer(params, train.resolved_optimizer)
         resident = resident_storages(model)
         rec = Recorder(ignore=set(resident))
         tags: dict[int, str] = {}

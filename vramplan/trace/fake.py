@@ -29,8 +29,7 @@ from torch.utils._pytree import tree_flatten
 REAL_LIMIT_BYTES = 1 << 20
 
 
-@contextlib.contextmanager
-def fake_mode() -> Iterator[FakeTensorMode]:
+def fake_mode() -> FakeTensorMode:
     """A fresh FakeTensorMode (real inputs allowed), with bitsandbytes' shared code table real.
 
     ``bitsandbytes.functional.quantize_blockwise`` caches its 256-entry dynamic map in a module
@@ -50,8 +49,7 @@ def fake_mode() -> Iterator[FakeTensorMode]:
     # hits): both are turned off for this mode.
     mode.cache_enabled = False
     mode.fake_tensor_converter.from_meta_and_device = functools.partial(_unmemoized, FakeTensor)
-    with mode:
-        yield mode
+    return mode
 
 
 @contextlib.contextmanager
