@@ -27,8 +27,8 @@ from vramplan.trace.fake import SmallReal, fake_mode, untraced_transformers
 from vramplan.trace.recorder import PHASES, Event, Recorder, live_at, peaks
 
 #: Groups of the step's live bytes at the peak (see :func:`step_groups`).
-STEP_GROUPS = ("gradients", "optimizer_states", "activations", "backward_transients",
-               "optimizer_transients")
+STEP_GROUPS = ("recast_weights", "gradients", "optimizer_states", "activations",
+               "backward_transients", "optimizer_transients")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +142,9 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
         with SmallReal():  # bitsandbytes optimizers build their code tables with .tolist()
             opt = make_optimizer(params, train.resolved_optimizer)
         resident = resident_storages(model)
-        rec = Recorder(ignore=set(resident))
+        rec = Recorder(resident=resident)
+        rec.watch_resident([t.untyped_storage() for t in resident_tensors(model)])
+        groups = resident_groups(model)
         tags: dict[int, str] = {}
         shim = needs_shim(train, device)
         with cpu_autocast_shim() if shim else contextlib.nullcontext(), \
@@ -150,8 +152,9 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
             for step in range(warmup + 1):
                 rec.start_step(step)
                 run_step(model, opt, ids, train, device, rec, tags)
+        # a parameter whose data the step replaced (a bias cast by Linear4bit) is a weight
+        tag_storages(rec, tags, list(model.parameters()), "recast_weights")
         rec.detach()
-        groups = resident_groups(model)
         n_total = sum(p.numel() for p in unique_params(model))
         n_train = sum(p.numel() for p in params)
     events = rec.events
@@ -220,7 +223,7 @@ def step_groups(live: dict[int, Event], tags: dict[int, str]) -> tuple[dict[str,
         group = tags.get(sid) or {"forward": "activations", "backward": "backward_transients",
                                   "optimizer": "optimizer_transients"}.get(e.phase, "activations")
         groups[group] += e.nbytes
-        if group not in ("gradients", "optimizer_states"):
+        if group not in ("recast_weights", "gradients", "optimizer_states"):
             key = f"{e.phase}:{e.op}"
             kinds[key] = kinds.get(key, 0) + e.nbytes
     return groups, dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
@@ -229,6 +232,17 @@ def step_groups(live: dict[int, Event], tags: dict[int, str]) -> tuple[dict[str,
 def unique_params(model: Any) -> list[Any]:
     """Parameters, each once (tied weights are one)."""
     return list({id(p): p for p in model.parameters()}.values())
+
+
+def resident_tensors(model: Any) -> list[Any]:
+    """Parameters, their bitsandbytes quantisation state and buffers: what is resident."""
+    from vramplan.measure.probes import quant_state_tensors
+
+    out: list[Any] = []
+    for p in model.parameters():
+        out.append(p)
+        out += quant_state_tensors(p)
+    return out + list(model.buffers())
 
 
 def resident_groups(model: Any) -> dict[str, int]:

@@ -46,21 +46,36 @@ class Event:
 class Recorder(TorchDispatchMode):
     """Logs the birth and death of every storage created by an operator while it is active.
 
-    ``ignore`` holds ``storage._cdata`` keys of storages that existed before (resident: parameters,
-    buffers, quantisation state), which are not part of the step and are never logged.
+    ``resident`` maps ``storage._cdata`` to bytes for the storages that exist before the step
+    (parameters, buffers, quantisation state): they are not born in the step, but their death is
+    logged (a negative event of op ``"resident"``), and from then on their key may belong to a new
+    storage. (The harness's CPU tracker ignores resident keys forever: a step that replaces a
+    parameter's data, as bitsandbytes' ``Linear4bit`` does with a bias of another dtype, frees a
+    resident storage it keeps counting, and a new storage born at the same address is missed.)
     """
 
-    def __init__(self, ignore: set[int] | None = None) -> None:
+    def __init__(self, resident: dict[int, int] | None = None) -> None:
         super().__init__()
         self.events: list[Event] = []
         self.phase = "setup"
         self.step = 0
-        self._ignore = set(ignore or ())
         self._live: dict[int, int] = {}  # storage key -> sid
         self._next_sid = 0
         self._finalizers: list[weakref.finalize] = []
         #: (position in ``events``, phase, step) where each phase started
         self.marks: list[tuple[int, str, int]] = []
+        self._resident = dict(resident or {})
+
+    def watch_resident(self, storages: list[Any]) -> None:
+        """Log the death of these resident storages (``untyped_storage()`` objects)."""
+        for storage in storages:
+            key = storage._cdata
+            if key in self._resident and key not in self._live:
+                sid = self._next_sid
+                self._next_sid += 1
+                self._live[key] = sid
+                self._finalizers.append(weakref.finalize(
+                    storage, self._free, key, sid, "resident", self._resident[key], "", ()))
 
     def start_phase(self, name: str) -> None:
         """Name the phase the following events belong to."""
@@ -75,7 +90,7 @@ class Recorder(TorchDispatchMode):
         """Log a tensor's storage as born if it is new (also for tensors made outside dispatch)."""
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self._live or key in self._ignore:
+        if key in self._live:
             return
         sid = self._next_sid
         self._next_sid += 1
