@@ -65,6 +65,20 @@ def untraced_transformers() -> Iterator[None]:
         import_utils.is_fake_tensor = original
 
 
+def _grouped_mm_any_dtype(func: Any, args: Any, kwargs: Any) -> Any:
+    """``aten._grouped_mm`` for any float dtype: its meta function accepts bf16 only (the CUDA
+    rule), while the CPU kernel takes fp32 too (QLoRA's k-bit prep upcasts fused MoE experts to
+    fp32). The shape comes from the meta function on bf16 stand-ins; the dtype is the input's."""
+    a, b = args[0], args[1]
+    if a.dtype == torch.bfloat16:
+        return func(*args, **kwargs)
+    stand_in = [torch.empty_strided(t.shape, t.stride(), dtype=torch.bfloat16, device=t.device)
+                for t in (a, b)]
+    out = func(*stand_in, *args[2:], **kwargs)
+    dtype = kwargs.get("out_dtype") or a.dtype
+    return torch.empty_strided(out.shape, out.stride(), dtype=dtype, device=out.device)
+
+
 def _unmemoized(cls: type, fake_mode: FakeTensorMode, t: torch.Tensor, device: torch.device,
                 pytype: type | None = None, dispatch_keys: Any = None) -> FakeTensor:
     """``FakeTensorConverter.from_meta_and_device`` without the memo (see :func:`fake_mode`)."""
@@ -86,6 +100,8 @@ class SmallReal(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         flat = tree_flatten((args, kwargs))[0]
+        if func is torch.ops.aten._grouped_mm.default:
+            return _grouped_mm_any_dtype(func, args, kwargs)
         if any(isinstance(a, FakeTensor) for a in flat):
             return func(*args, **kwargs)
         try:
