@@ -82,9 +82,8 @@ def with_layers(cfg: dict[str, Any], layers: int | None) -> dict[str, Any]:
     if layers < 1:
         raise SpecError(f"layers must be a positive integer, got {layers}")
     out = dict(cfg, num_hidden_layers=layers)
-    for key in ("layer_types", "mlp_only_layers"):
-        if isinstance(out.get(key), list) and key == "layer_types":
-            out[key] = out[key][:layers]
+    if isinstance(out.get("layer_types"), list):  # per-layer attention kinds (gemma2, qwen2)
+        out["layer_types"] = out["layer_types"][:layers]
     return out
 
 
