@@ -83,6 +83,17 @@ def test_terms_sum_to_the_peak_and_name_what_is_live():
     assert r.activations_by_kind["forward:aten::_log_softmax"] == 128 * 4096 * 4
 
 
+def test_terms_sum_to_the_peak_when_the_step_recasts_a_bias():
+    """qwen2's q/k/v biases are cast to bf16 by Linear4bit in the first forward: the new storages
+    are weights, net of the resident fp32 ones they replace, and the terms still sum to the peak."""
+    _, cfg = load_hf_config(str(ROOT / "validation/configs/qwen2-tiny.json"))
+    r = trace_step(cfg, TrainSpec(method="qlora", precision="mixed", optimizer="adamw",
+                                  seq_len=128, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                                  grad_ckpt=False))
+    assert sum(r.terms.values()) == r.peak_allocated_bytes
+    assert r.at_peak["recast_weights"] != 0
+
+
 def test_trace_leaves_no_patch_behind():
     """The harness's builder and transformers' tracing check are restored after a trace."""
     from transformers.utils import import_utils

@@ -8,11 +8,14 @@ checkpointing, peft). The step is the harness's step (:mod:`vramplan.measure.ste
 step then a measured step, each forward, backward, optional gradient clipping, ``optimizer.step``
 and ``zero_grad(set_to_none=True)``, with bf16 autocast for "mixed".
 
-``peak_allocated_bytes`` is defined exactly as the harness's CPU probe defines it
+``peak_allocated_bytes`` is defined as the harness's CPU probe defines it
 (``measure/probes.CpuProbe``): resident bytes (every unique storage of parameters, buffers and
 bitsandbytes quantisation state when the step begins) plus the peak of the bytes live in storages
 created by operators during the measured step, counting from the live bytes left by warm-up
-(optimizer states). Kernel-internal workspaces and allocator rounding are not part of it.
+(optimizer states). Kernel-internal workspaces and allocator rounding are not part of it. One
+deliberate difference: a resident storage that dies during the step (bitsandbytes' ``Linear4bit``
+replaces a bias of another dtype by a cast copy) stops counting here, while the CPU tracker keeps
+counting it and can miss a new storage that reuses its address (see ``recorder.Recorder``).
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ class TraceResult:
     """What one traced step holds, in bytes (allocated level, the harness's CPU definition).
 
     ``phase_peaks`` include the resident bytes (as a record's ``measured.phases``). ``resident``
-    splits the resident bytes into weights (the base model's parameters, packed 4-bit data
-    included), quant_constants (bitsandbytes absmax / code / offset tensors), adapters (LoRA
-    parameters) and buffers. ``at_peak`` splits the step's live bytes at the peak into
-    :data:`STEP_GROUPS`; ``activations_by_kind`` splits activations and transients at the peak by
-    ``phase:operator`` that created them.
+    splits the resident bytes, as the step found them, into weights (the base model's parameters,
+    packed 4-bit data included), quant_constants (bitsandbytes absmax / code / offset tensors),
+    adapters (LoRA parameters) and buffers. ``at_peak`` splits the step's live bytes at the peak
+    into :data:`STEP_GROUPS` (``recast_weights``: parameters whose data the step replaced, net of
+    the resident storages they replaced); ``activations_by_kind`` splits activations and
+    transients at the peak by the ``phase:operator`` that created them.
     """
 
     peak_allocated_bytes: int
@@ -161,6 +165,8 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     r = sum(resident.values())
     live = live_at(events, pk.index)
     at_peak, kinds = step_groups(live, tags)
+    # net change of the weights: replaced resident storages (logged as "resident" deaths) out
+    at_peak["recast_weights"] += sum(e.nbytes for e in events[:pk.index] if e.op == "resident")
     phase_peaks = {p: r + pk.phase_peaks[p] for p in PHASES if p in pk.phase_peaks}
     peak_phase = max(phase_peaks, key=phase_peaks.__getitem__) if phase_peaks else ""
     return TraceResult(r + pk.peak_bytes, r, peak_phase, phase_peaks, groups, at_peak, kinds,
@@ -206,7 +212,7 @@ def tag_storages(rec: Recorder, tags: dict[int, str], tensors: list[Any], group:
 
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            sid = rec._live.get(t.untyped_storage()._cdata)
+            sid = rec.sid_of(t)
             if sid is not None:
                 tags.setdefault(sid, group)
 

@@ -102,6 +102,10 @@ class Recorder(TorchDispatchMode):
         self._finalizers.append(weakref.finalize(storage, self._free, key, sid, op, nbytes, dtype,
                                                  shape))
 
+    def sid_of(self, tensor: torch.Tensor) -> int | None:
+        """The id of the live storage behind ``tensor`` (None if the recorder does not know it)."""
+        return self._live.get(tensor.untyped_storage()._cdata)
+
     def _free(self, key: int, sid: int, op: str, nbytes: int, dtype: str,
               shape: tuple[int, ...]) -> None:
         if self._live.get(key) == sid:
