@@ -43,11 +43,9 @@ def fake_mode() -> FakeTensorMode:
             bnbf.name2qmap["dynamic"] = bnbf.create_dynamic_map()
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # Module.to() swaps a fake parameter for its converted copy (torch.utils.swap_tensors), which
-    # refuses a tensor that has a weakref, and peft moves every new LoRA module with .to(). Fake
-    # tensors get weakrefs from the dispatch cache (finalizers on some arguments) and from the
-    # converter's memo of every operator output (a fresh meta tensor each time, so the memo never
-    # hits): both are turned off for this mode.
-    mode.cache_enabled = False
+    # refuses a tensor that has a weakref, and peft moves every new LoRA module with .to(). The
+    # converter memoises every operator output in a WeakValueDictionary (a fresh meta tensor each
+    # time, so the memo never hits): that memo is turned off for this mode.
     mode.fake_tensor_converter.from_meta_and_device = functools.partial(_unmemoized, FakeTensor)
     return mode
 
