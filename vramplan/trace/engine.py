@@ -1,0 +1,273 @@
+"""The trace engine: one real training step on fake tensors, under the event recorder.
+
+The model is the harness's own (:mod:`vramplan.measure.build`): the skeleton on the meta device,
+transformers' bitsandbytes quantizer for QLoRA, then every parameter materialised as a *fake*
+tensor (``torch._subclasses.fake_tensor.FakeTensorMode``: shape, dtype, device and storage size,
+no memory, no values) and :func:`~vramplan.measure.build.finish_model` (k-bit prep, gradient
+checkpointing, peft). The step is the harness's step (:mod:`vramplan.measure.steps`): a warm-up
+step then a measured step, each forward, backward, optional gradient clipping, ``optimizer.step``
+and ``zero_grad(set_to_none=True)``, with bf16 autocast for "mixed".
+
+``peak_allocated_bytes`` is defined as the harness's CPU probe defines it
+(``measure/probes.CpuProbe``): resident bytes (every unique storage of parameters, buffers and
+bitsandbytes quantisation state when the step begins) plus the peak of the bytes live in storages
+created by operators during the measured step, counting from the live bytes left by warm-up
+(optimizer states). Kernel-internal workspaces and allocator rounding are not part of it. One
+deliberate difference: a resident storage that dies during the step (bitsandbytes' ``Linear4bit``
+replaces a bias of another dtype by a cast copy) stops counting here, while the CPU tracker keeps
+counting it and can miss a new storage that reuses its address (see ``recorder.Recorder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramplan.specs import SpecError, TrainSpec
+from vramplan.trace.fake import SmallReal, fake_mode, untraced_transformers
+from vramplan.trace.recorder import PHASES, Event, Recorder, live_at, peaks
+
+#: Groups of the step's live bytes at the peak (see :func:`step_groups`).
+STEP_GROUPS = ("recast_weights", "gradients", "optimizer_states", "activations",
+               "backward_transients", "optimizer_transients")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    """What one traced step holds, in bytes (allocated level, the harness's CPU definition).
+
+    ``phase_peaks`` include the resident bytes (as a record's ``measured.phases``). ``resident``
+    splits the resident bytes, as the step found them, into weights (the base model's parameters,
+    packed 4-bit data included), quant_constants (bitsandbytes absmax / code / offset tensors),
+    adapters (LoRA parameters) and buffers. ``at_peak`` splits the step's live bytes at the peak
+    into :data:`STEP_GROUPS` (``recast_weights``: parameters whose data the step replaced, net of
+    the resident storages they replaced); ``activations_by_kind`` splits activations and
+    transients at the peak by the ``phase:operator`` that created them.
+    """
+
+    peak_allocated_bytes: int
+    resident_bytes: int
+    peak_phase: str
+    phase_peaks: dict[str, int]
+    resident: dict[str, int]
+    at_peak: dict[str, int]
+    activations_by_kind: dict[str, int]
+    num_layers: int
+    params_total: int
+    params_trainable: int
+    events: tuple[Event, ...] = field(repr=False)
+    wall_s: float = 0.0
+
+    @property
+    def terms(self) -> dict[str, int]:
+        """Every group, resident and step, as ``group -> bytes``; they sum to the peak."""
+        return {**self.resident, **self.at_peak}
+
+
+def check_model_type(cfg: dict[str, Any]) -> None:
+    """Raise :class:`SpecError` unless transformers has a built-in config class for the model."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise SpecError("the model config has no model_type: the trace engine cannot build it")
+    if model_type not in CONFIG_MAPPING:
+        raise SpecError(f"model_type {model_type!r} is not known to transformers (installed "
+                        "version); the trace engine builds only architectures transformers ships "
+                        "(no trust_remote_code)")
+
+
+def with_layers(cfg: dict[str, Any], layers: int | None) -> dict[str, Any]:
+    """The config with ``num_hidden_layers`` set to ``layers`` (per-layer lists cut to match)."""
+    if layers is None:
+        return dict(cfg)
+    if layers < 1:
+        raise SpecError(f"layers must be a positive integer, got {layers}")
+    out = dict(cfg, num_hidden_layers=layers)
+    if isinstance(out.get("layer_types"), list):  # per-layer attention kinds (gemma2, qwen2)
+        out["layer_types"] = out["layer_types"][:layers]
+    return out
+
+
+def build_fake_model(cfg: dict[str, Any], train: TrainSpec, device: str, mode: Any) -> Any:
+    """The harness's model for ``cfg``/``train``, its parameters fake tensors of ``mode``."""
+    from vramplan.measure.build import finish_model, load_streaming
+    from vramplan.trace.quant import fake_loading
+
+    if train.method == "qlora" and train.quant == "int8":
+        raise SpecError("the trace engine does not do int8 QLoRA yet (bitsandbytes Int8Params "
+                        "on fake tensors); use nf4 or fp4")
+    with fake_loading(mode):
+        model = load_streaming(cfg, train, device)
+    with mode:
+        fake_buffers(model)
+        return finish_model(model, train)
+
+
+def fake_buffers(model: Any) -> None:
+    """Replace real buffers (rotary ``inv_freq``, made on the host by the skeleton) with fakes."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and not isinstance(buf, FakeTensor):
+                module._buffers[name] = torch.empty_like(buf).copy_(buf)
+
+
+def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = None,
+               device: str = "cpu", warmup: int = 1) -> TraceResult:
+    """Trace one training step of ``cfg`` (an HF config.json dict) under ``train``.
+
+    ``layers`` overrides ``num_hidden_layers`` (see :func:`vramplan.trace.depth.trace_depth` for
+    extrapolation to the full depth). ``device`` is the fake device the tensors claim ("cpu":
+    the same kernels' shapes and decompositions as the CPU harness). ``warmup`` steps run before
+    the measured one, as in the harness (optimizer states are created in warm-up).
+    """
+    import torch
+
+    from vramplan.measure.build import hf_config
+    from vramplan.measure.probes import resident_storages
+    from vramplan.measure.steps import cpu_autocast_shim, make_optimizer, needs_shim
+
+    check_model_type(cfg)
+    cfg = with_layers(cfg, layers)
+    t0 = time.perf_counter()
+    # the batch is real (b x s token ids): transformers' checks on it get real answers
+    ids = torch.randint(0, hf_config(cfg).get_text_config().vocab_size,
+                        (train.batch, train.seq_len), device=device)
+    mode = fake_mode()
+    model = build_fake_model(cfg, train, device, mode)
+    with mode:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with SmallReal():  # bitsandbytes optimizers build their code tables with .tolist()
+            opt = make_optimizer(params, train.resolved_optimizer)
+        resident = resident_storages(model)
+        rec = Recorder(resident=resident)
+        rec.watch_resident([t.untyped_storage() for t in resident_tensors(model)])
+        groups = resident_groups(model)
+        tags: dict[int, str] = {}
+        shim = needs_shim(train, device)
+        with cpu_autocast_shim() if shim else contextlib.nullcontext(), \
+                untraced_transformers(), SmallReal(), rec:
+            for step in range(warmup + 1):
+                rec.start_step(step)
+                run_step(model, opt, ids, train, device, rec, tags)
+        # a parameter whose data the step replaced (a bias cast by Linear4bit) is a weight
+        tag_storages(rec, tags, list(model.parameters()), "recast_weights")
+        rec.detach()
+        n_total = sum(p.numel() for p in unique_params(model))
+        n_train = sum(p.numel() for p in params)
+    events = rec.events
+    pk = peaks(events, rec.marks, warmup)
+    r = sum(resident.values())
+    live = live_at(events, pk.index)
+    at_peak, kinds = step_groups(live, tags)
+    # net change of the weights: replaced resident storages (logged as "resident" deaths) out
+    at_peak["recast_weights"] += sum(e.nbytes for e in events[:pk.index] if e.op == "resident")
+    phase_peaks = {p: r + pk.phase_peaks[p] for p in PHASES if p in pk.phase_peaks}
+    peak_phase = max(phase_peaks, key=phase_peaks.__getitem__) if phase_peaks else ""
+    return TraceResult(r + pk.peak_bytes, r, peak_phase, phase_peaks, groups, at_peak, kinds,
+                       hf_config(cfg).get_text_config().num_hidden_layers, n_total, n_train,
+                       tuple(events), round(time.perf_counter() - t0, 3))
+
+
+def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec: Recorder,
+             tags: dict[int, str]) -> None:
+    """One optimizer step as :func:`vramplan.measure.steps.one_step` runs it (minus reading the
+    loss value, which fake tensors do not have); tags gradient and optimizer-state storages."""
+    import torch
+
+    from vramplan.measure.steps import forward_context
+
+    held: dict[str, Any] = {}
+    for _ in range(train.grad_accum):
+        rec.start_phase("forward")
+        with forward_context(train, device):
+            out = model(input_ids=ids, labels=ids)
+            if train.loop == "custom":
+                held["outputs"] = out
+            loss = out.loss
+            del out
+        rec.start_phase("backward")
+        (loss / train.grad_accum).backward()
+        del loss
+    tag_storages(rec, tags, [p.grad for p in model.parameters() if p.grad is not None],
+                 "gradients")
+    rec.start_phase("optimizer")
+    if train.max_grad_norm > 0:
+        grads = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, train.max_grad_norm)
+    opt.step()
+    tag_storages(rec, tags, [t for s in opt.state.values() for t in s.values()],
+                 "optimizer_states")
+    opt.zero_grad(set_to_none=True)
+
+
+def tag_storages(rec: Recorder, tags: dict[int, str], tensors: list[Any], group: str) -> None:
+    """Remember which live storages (by recorder id) belong to ``group``."""
+    import torch
+
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            sid = rec.sid_of(t)
+            if sid is not None:
+                tags.setdefault(sid, group)
+
+
+def step_groups(live: dict[int, Event], tags: dict[int, str]) -> tuple[dict[str, int],
+                                                                         dict[str, int]]:
+    """(bytes per step group, bytes per ``phase:operator`` of activations and transients) of the
+    storages live at the peak. Untagged storages are activations when born in forward, else the
+    transients of their phase."""
+    groups = dict.fromkeys(STEP_GROUPS, 0)
+    kinds: dict[str, int] = {}
+    for sid, e in live.items():
+        group = tags.get(sid) or {"forward": "activations", "backward": "backward_transients",
+                                  "optimizer": "optimizer_transients"}.get(e.phase, "activations")
+        groups[group] += e.nbytes
+        if group not in ("recast_weights", "gradients", "optimizer_states"):
+            key = f"{e.phase}:{e.op}"
+            kinds[key] = kinds.get(key, 0) + e.nbytes
+    return groups, dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def unique_params(model: Any) -> list[Any]:
+    """Parameters, each once (tied weights are one)."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def resident_tensors(model: Any) -> list[Any]:
+    """Parameters, their bitsandbytes quantisation state and buffers: what is resident."""
+    from vramplan.measure.probes import quant_state_tensors
+
+    out: list[Any] = []
+    for p in model.parameters():
+        out.append(p)
+        out += quant_state_tensors(p)
+    return out + list(model.buffers())
+
+
+def resident_groups(model: Any) -> dict[str, int]:
+    """Resident bytes split into weights, quant_constants, adapters and buffers (unique storages,
+    the same set :func:`vramplan.measure.probes.resident_storages` counts)."""
+    from vramplan.measure.probes import quant_state_tensors
+
+    seen: set[int] = set()
+    out = {"weights": 0, "quant_constants": 0, "adapters": 0, "buffers": 0}
+
+    def add(group: str, t: Any) -> None:
+        s = t.untyped_storage()
+        if s._cdata not in seen:
+            seen.add(s._cdata)
+            out[group] += s.nbytes()
+
+    for name, p in model.named_parameters(remove_duplicate=False):
+        add("adapters" if ".lora_" in name else "weights", p)
+        for q in quant_state_tensors(p):
+            add("quant_constants", q)
+    for b in model.buffers():
+        add("buffers", b)
+    return out
