@@ -108,17 +108,18 @@ CONFIGS = {
 def test_bad_config_is_one_clear_line(text, tmp_path, capsys):
     path = tmp_path / "config.json"
     path.write_text(text)
-    assert main(["estimate", str(path)]) == 2
+    assert main(["estimate", str(path), "--engine", "analytic"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vramplan: error:")
 
 
-def test_unsupported_architecture_names_the_supported_ones(tmp_path, capsys):
+def test_unsupported_architecture_names_the_supported_ones_and_the_trace_engine(tmp_path,
+                                                                                capsys):
     path = tmp_path / "config.json"
     path.write_text(CONFIGS["unsupported architecture"])
-    main(["estimate", str(path)])
+    main(["estimate", str(path), "--engine", "analytic"])
     err = capsys.readouterr().err
-    assert "gpt2" in err and "llama" in err and "phi3" in err
+    assert "gpt2" in err and "llama" in err and "phi3" in err and "--engine trace" in err
 
 
 def test_help_prints_defaults(capsys):

@@ -12,7 +12,7 @@ from vramplan.model.params import total_params
 from vramplan.profiles import list_models, load_model
 from vramplan.specs import TrainSpec
 
-MODELS = list_models()
+MODELS = list_models("analytic")
 BASE = TrainSpec(seq_len=1024)
 
 

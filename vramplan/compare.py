@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from vramplan.model.estimate import Estimate, estimate
 from vramplan.planner import FITS, NO, verdict
-from vramplan.profiles import load_gpus, load_model, resolve_ref
+from vramplan.profiles import (SUPPORTED_MODEL_TYPES, load_gpus, load_hf_config, load_model,
+                               resolve_ref)
 from vramplan.model.steptime import StepWork, rates_for, step_time, step_work
 from vramplan.specs import GpuSpec, ModelSpec, SpecError, TrainSpec
 
@@ -115,10 +116,20 @@ def unmeasured_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
 
 def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
                    tolerance: float = DEFAULT_TOLERANCE, source: str = "",
-                   anchor: Path | None = None) -> Comparison:
-    """Compare one record at every level it measured; an OOM must be predicted not to fit."""
+                   anchor: Path | None = None, engine: str = "analytic") -> Comparison:
+    """Compare one record at every level it measured; an OOM must be predicted not to fit.
+    ``engine``: "analytic", "trace" (peak allocated of CPU records; see :func:`compare_traced`)
+    or "auto" (analytic for the families it knows, else trace)."""
     case_id = str(record.get("case_id", "?"))
     where = {"source": source, "device": device_of(record)}
+    if engine != "analytic":
+        try:
+            name, cfg = load_hf_config(resolve_ref(str(record["model"]), anchor))
+        except (SpecError, KeyError) as exc:
+            return Comparison(case_id, record.get("outcome", "?"), "?", {}, {}, {},
+                              (f"cannot re-estimate: {exc}",), **where)
+        if engine == "trace" or cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+            return compare_traced(record, name, cfg, tolerance, where)
     try:
         est = estimate_for(record, calib, anchor)
     except (SpecError, KeyError, TypeError, AttributeError) as exc:
@@ -159,6 +170,40 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
                       tuple(problems), record.get("known_gap"), notes,
                       family=est.model.model_type, step_s=compare_time(record, est, gpu, calib),
                       **where)
+
+
+def compare_traced(record: Mapping[str, Any], name: str, cfg: Mapping[str, Any],
+                   tolerance: float, where: Mapping[str, str]) -> Comparison:
+    """A record against the trace engine: peak allocated only (its level), CPU records only (the
+    trace counts tensors as the CPU harness does; a CUDA record gets a note, not a verdict)."""
+    from vramplan.trace.answer import trace_answer
+
+    case_id = str(record.get("case_id", "?"))
+    outcome = str(record.get("outcome", "?"))
+    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
+    train = TrainSpec.from_dict(setup)
+    if record.get("device", "cuda") == "cuda":
+        return Comparison(case_id, outcome, train.method, {}, {}, {}, (), None,
+                          ("trace engine: CUDA records are not compared yet (the trace counts "
+                           "tensors as on CPU)",), family=str(cfg.get("model_type")), **where)
+    try:
+        answer = trace_answer(name, dict(cfg), train)
+    except SpecError as exc:
+        return Comparison(case_id, outcome, train.method, {}, {}, {},
+                          (f"cannot trace: {exc}",), family=str(cfg.get("model_type")), **where)
+    lvl = "peak_allocated_bytes"
+    measured = (record.get("measured") or {}).get(lvl)
+    predicted = {lvl: answer.peak_allocated_bytes}
+    errors, problems = {}, []
+    if outcome == "ok" and measured:
+        errors[lvl] = (answer.peak_allocated_bytes - measured) / measured
+        if abs(errors[lvl]) > tolerance:
+            problems.append(f"{lvl} off by {errors[lvl]:+.1%} (trace engine)")
+    elif outcome != "ok":
+        problems.append(f"case failed: {str(record.get('error'))[:120]}")
+    return Comparison(case_id, outcome, train.method, {lvl: measured}, predicted, errors,
+                      tuple(problems), record.get("known_gap"), (),
+                      family=str(cfg.get("model_type")), **where)
 
 
 def compare_time(record: Mapping[str, Any], est: Estimate, gpu: GpuSpec | None,

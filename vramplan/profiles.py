@@ -53,9 +53,23 @@ def profiles_dir() -> Path:
     return checkout if (checkout / "gpus.toml").is_file() else here / "_profiles"
 
 
-def list_models() -> list[str]:
-    """Names of the shipped model profiles, sorted."""
-    return sorted(p.stem for p in (profiles_dir() / "models").glob("*.json"))
+def list_models(engine: str = "any") -> list[str]:
+    """Names of the shipped model profiles, sorted: all of them, or ("analytic") those whose
+    model_type the analytic engine knows (the others are answered by the trace engine)."""
+    names = sorted(p.stem for p in (profiles_dir() / "models").glob("*.json"))
+    if engine == "analytic":
+        return [n for n in names if model_type_of(n) in SUPPORTED_MODEL_TYPES]
+    return names
+
+
+def profile_source(name: str) -> dict[str, Any]:
+    """The ``source`` block of a shipped profile (hub id, notes, stored counts)."""
+    return dict(_read_json(profiles_dir() / "models" / f"{name}.json").get("source") or {})
+
+
+def model_type_of(name: str) -> str:
+    """The model_type of a shipped profile."""
+    return str(_read_json(profiles_dir() / "models" / f"{name}.json")["config"].get("model_type"))
 
 
 def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
@@ -64,8 +78,9 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
         raise SpecError(f"{name}: config.json must hold a JSON object")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        raise SpecError(f"{name}: unsupported model_type {model_type!r}; supported: "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise SpecError(f"{name}: the analytic engine does not know model_type {model_type!r} "
+                        f"(it knows {', '.join(SUPPORTED_MODEL_TYPES)}); `vramplan estimate "
+                        f"{name} --engine trace` traces any architecture transformers ships")
     missing = [k for k in _REQUIRED_KEYS if config.get(k) is None]
     if missing:
         raise SpecError(f"{name}: config.json lacks {', '.join(missing)}")

@@ -190,3 +190,20 @@ def test_without_nvml_the_record_and_check_say_device_level_not_measured(monkeyp
     c = compare_record(record, calib, tolerance=10.0)
     assert "device_total_bytes" not in c.errors
     assert any(n.startswith("device level not measured (not measured: pynvml") for n in c.notes)
+
+
+def test_a_resident_storage_that_dies_leaves_the_count_and_its_address_can_be_reused():
+    """bitsandbytes' Linear4bit replaces a bias of another dtype by a cast copy: the old resident
+    storage dies in the step. Its bytes leave the count, and a new storage at its address is
+    counted (it used to be ignored forever)."""
+    bias = torch.randn(1024)
+    key, nbytes = bias.untyped_storage()._cdata, bias.untyped_storage().nbytes()
+    tr = StorageTracker(ignore={key})
+    tr.watch_resident([bias.untyped_storage()])
+    with tr:
+        del bias
+        assert tr.current_bytes == -nbytes
+        new = torch.empty(1024)
+        assert tr.current_bytes == 0  # counted, whatever its address
+        del new
+    assert key not in tr._ignore

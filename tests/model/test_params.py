@@ -22,7 +22,7 @@ def meta_model(config: dict):
         return transformers.AutoModelForCausalLM.from_config(hf)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("analytic"))
 def test_analytic_count_equals_transformers_for_every_profile(name):
     _, config = load_hf_config(name)
     model = meta_model(config)

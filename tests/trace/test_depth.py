@@ -28,7 +28,8 @@ SETUPS = {
 }
 
 
-@pytest.mark.parametrize("name", SETUPS)
+@pytest.mark.parametrize("name", [n if n == "full-bf16" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SETUPS])
 def test_extrapolation_from_2_and_3_layers_equals_the_4_layer_trace(name):
     """llama-tiny has 4 layers: the extrapolated peak and phase peaks equal its trace's, to the
     byte."""

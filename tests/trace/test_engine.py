@@ -41,7 +41,14 @@ CASES = [r for r in cpu_records() if r["setup"].get("quant") != "int8"
          or r["setup"]["method"] != "qlora"]
 
 
-@pytest.mark.parametrize("record", CASES, ids=[r["case_id"] for r in CASES])
+#: Run by `make test`; the other cpu-ci cases run in CI (`make test-slow`).
+FAST = {"llama-full-bf16-s128", "llama-lora-bf16-s512", "qwen2-qlora-mixed-s128-drop05",
+        "mixtral-qlora-mixed-s128"}
+
+
+@pytest.mark.parametrize("record", [r if r["case_id"] in FAST else
+                                    pytest.param(r, marks=pytest.mark.slow) for r in CASES],
+                         ids=[r["case_id"] for r in CASES])
 def test_trace_peak_allocated_matches_the_cpu_measurement(record):
     """Within 2% of measured.peak_allocated_bytes; resident bytes exactly equal."""
     _, cfg = load_hf_config(str(ROOT / record["model"]))
@@ -110,7 +117,9 @@ REAL_VS_TRACE = ["llama-lora-bf16-ckpt-s128-sgd", "qwen2-qlora-mixed-s128-drop05
                  "mixtral-qlora-mixed-s128", "llama-full-mixed-s128"]
 
 
-@pytest.mark.parametrize("case_id", REAL_VS_TRACE)
+@pytest.mark.parametrize("case_id", [c if c == "qwen2-qlora-mixed-s128-drop05" else
+                                     pytest.param(c, marks=pytest.mark.slow)
+                                     for c in REAL_VS_TRACE])
 def test_trace_logs_the_same_events_as_a_real_step(case_id):
     """The same recorder around a real CPU step (real weights, real kernels) logs the same
     sequence of (operator, phase, step, bytes, dtype, shape) as the trace: same code path."""
@@ -165,6 +174,7 @@ print(json.dumps({"peak": r.peak_allocated_bytes, "grew": after - before}))
 """
 
 
+@pytest.mark.slow
 def test_a_70b_trace_allocates_no_real_memory():
     """Llama-2-70B, 2 layers, full fine-tune, seq 4096 x batch 16: a peak over 100 GiB is traced
     while the process's peak RSS grows by less than 2 GiB."""

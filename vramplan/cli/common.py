@@ -93,3 +93,17 @@ def output_path(value: str, suffixes: tuple[str, ...] = ()) -> Path:
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise SpecError(f"{value}: cannot write there")
     return path
+
+
+def trace_engine():
+    """The trace engine's answer module, or a one-line error naming the extra it needs."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("the trace engine needs torch and transformers: pip install "
+                        "'vramplan[trace]' (or use --engine analytic for the families it "
+                        "knows)") from None
+    from vramplan.trace import answer
+
+    return answer

@@ -26,6 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", default="default", help="profiles/calibration/NAME.toml")
     p.add_argument("--json", action="store_true", help="print the JSON contract object")
     p.add_argument("--max-gib", type=float, help="exit 1 when the device total exceeds this")
+    add_engine_option(p)
     p.set_defaults(func=run_estimate)
 
     q = sub.add_parser("profiles", help="list the shipped model profiles",
@@ -41,12 +42,51 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=run_gpus)
 
 
+def add_engine_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("auto", "analytic", "trace"), default="auto",
+                   help="analytic: the term-by-term model (milliseconds, the families it knows); "
+                        "trace: the model's real transformers/peft/bitsandbytes code on fake "
+                        "tensors (any architecture transformers ships; needs vramplan[trace]; "
+                        "seconds, then cached); auto: analytic where it knows the family, else "
+                        "trace")
+
+
+def pick_engine(engine: str, model_type: str) -> str:
+    """The engine that answers: the asked one, or for auto the analytic engine when it knows the
+    family and the trace engine otherwise."""
+    from vramplan.profiles import SUPPORTED_MODEL_TYPES
+
+    if engine != "auto":
+        return engine
+    return "analytic" if model_type in SUPPORTED_MODEL_TYPES else "trace"
+
+
+def run_trace_estimate(args: argparse.Namespace, name: str, cfg: dict) -> int:
+    """`estimate --engine trace`: the traced answer, as text or the JSON contract."""
+    from vramplan.cli.common import trace_engine
+
+    train = train_from_args(args)
+    answer = trace_engine().trace_answer(name, cfg, train)
+    if args.json:
+        print(json.dumps(answer.as_json(), indent=2))
+    else:
+        from vramplan.report.breakdown import render_trace_text
+
+        print(render_trace_text(answer))
+    if args.max_gib is not None and answer.peak_allocated_bytes > args.max_gib * 2**30:
+        return 1
+    return 0
+
+
 def run_estimate(args: argparse.Namespace) -> int:
     from vramplan.model.estimate import estimate
-    from vramplan.profiles import load_calibration, load_gpu, load_model
+    from vramplan.profiles import load_calibration, load_gpu, load_hf_config, spec_from_hf_config
     from vramplan.report.breakdown import render_json, render_text
 
-    model = load_model(args.model)
+    name, cfg = load_hf_config(args.model)
+    if pick_engine(args.engine, str(cfg.get("model_type"))) == "trace":
+        return run_trace_estimate(args, name, cfg)
+    model = spec_from_hf_config(cfg, name)
     train = train_from_args(args)
     gpu = load_gpu(args.gpu) if args.gpu else None
     calib = load_calibration(args.calibration)
@@ -59,22 +99,37 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 def run_profiles(args: argparse.Namespace) -> int:
     from vramplan.model.params import total_params
-    from vramplan.profiles import list_models, load_model
+    from vramplan.profiles import SUPPORTED_MODEL_TYPES, list_models, load_hf_config, load_model
 
     rows = []
     for name in list_models():
-        m = load_model(name)
-        rows.append({"name": name, "model_type": m.model_type, "params": total_params(m),
-                     "layers": m.num_hidden_layers, "hidden_size": m.hidden_size,
-                     "vocab_size": m.vocab_size})
+        _, cfg = load_hf_config(name)
+        if cfg.get("model_type") in SUPPORTED_MODEL_TYPES:
+            m = load_model(name)
+            params, engine = total_params(m), "analytic"
+        else:  # counted by transformers on the meta device when the profile was added
+            params, engine = profile_meta_params(name), "trace"
+        text = cfg.get("text_config") or cfg
+        rows.append({"name": name, "model_type": cfg.get("model_type"), "engine": engine,
+                     "params": params, "layers": text.get("num_hidden_layers"),
+                     "hidden_size": text.get("hidden_size"), "vocab_size": text.get("vocab_size")})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<18} {'type':<8} {'params':>17} {'layers':>6} {'hidden':>6} {'vocab':>7}")
+    print(f"{'name':<18} {'type':<12} {'engine':<8} {'params':>17} {'layers':>6} {'hidden':>6} "
+          f"{'vocab':>7}")
     for r in rows:
-        print(f"{r['name']:<18} {r['model_type']:<8} {r['params']:>17,} {r['layers']:>6} "
-              f"{r['hidden_size']:>6} {r['vocab_size']:>7}")
+        params = "-" if r["params"] is None else f"{r['params']:,}"
+        print(f"{r['name']:<18} {r['model_type']:<12} {r['engine']:<8} {params:>17} "
+              f"{r['layers']!s:>6} {r['hidden_size']!s:>6} {r['vocab_size']!s:>7}")
     return 0
+
+
+def profile_meta_params(name: str) -> int | None:
+    """The parameter count stored with a trace-engine profile (transformers, meta device)."""
+    from vramplan.profiles import profile_source
+
+    return profile_source(name).get("meta_param_count")
 
 
 def run_gpus(args: argparse.Namespace) -> int:

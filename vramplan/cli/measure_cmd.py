@@ -56,6 +56,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="relative error allowed, a fraction in (0, 1): 0.05 = 5%%")
     c.add_argument("--calibration", default="default")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--engine", choices=("analytic", "trace", "auto"), default="analytic",
+                   help="which engine re-estimates the records: analytic (every level), trace "
+                        "(peak allocated of CPU records; any architecture transformers ships), "
+                        "auto (analytic where it knows the family, else trace)")
     c.add_argument("--by", default="",
                    help="also print error statistics per group, computed with pandas: a comma "
                         "list of device, family, method, source, outcome (needs vramplan[report])")
@@ -145,17 +149,21 @@ def run_measure(args: argparse.Namespace) -> int:
 
 def _dry_run(matrix, args: argparse.Namespace) -> int:
     from vramplan.model.estimate import estimate
-    from vramplan.profiles import load_calibration, load_model, resolve_ref
+    from vramplan.profiles import (SUPPORTED_MODEL_TYPES, load_calibration, load_hf_config,
+                                   resolve_ref, spec_from_hf_config)
     from vramplan.units import GIB
 
     calib = load_calibration(args.calibration)
     print(f"{matrix.name}: {len(matrix.cases)} cases (predicted, {args.device})")
     print(f"{'case':<44} {'method':<6} {'seq':>6} {'alloc GiB':>10} {'device GiB':>11}")
     for case in matrix.cases:
-        e = estimate(load_model(resolve_ref(case.model, Path(args.matrix).resolve().parent)),
-                     case.train, calib, args.device)
-        print(f"{case.id:<44} {case.train.method:<6} {case.train.seq_len:>6} "
-              f"{e.peak_allocated_bytes / GIB:>10.3f} {e.device_total_bytes / GIB:>11.3f}")
+        name, cfg = load_hf_config(resolve_ref(case.model, Path(args.matrix).resolve().parent))
+        head = f"{case.id:<44} {case.train.method:<6} {case.train.seq_len:>6}"
+        if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:  # the trace engine's families
+            print(f"{head} {'-':>10} {'-':>11}  ({cfg.get('model_type')}: check --engine trace)")
+            continue
+        e = estimate(spec_from_hf_config(cfg, name), case.train, calib, args.device)
+        print(f"{head} {e.peak_allocated_bytes / GIB:>10.3f} {e.device_total_bytes / GIB:>11.3f}")
     return 0
 
 
@@ -176,7 +184,12 @@ def run_check(args: argparse.Namespace) -> int:
             raise UserError(f"--by {','.join(bad)}: choose from {', '.join(GROUP_KEYS)}")
         pandas()  # a missing extra is reported before any work
     calib = load_calibration(args.calibration)
-    rows = compare_files(_existing(args.results), calib, args.tolerance)
+    if args.engine != "analytic":
+        from vramplan.cli.common import trace_engine
+
+        if args.engine == "trace":
+            trace_engine()  # a missing extra is reported before any work
+    rows = compare_files(_existing(args.results), calib, args.tolerance, args.engine)
     if args.json:
         print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,

@@ -40,15 +40,19 @@ def quant_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def resident_storages(model: torch.nn.Module) -> dict[int, int]:
-    """``{storage._cdata: nbytes}`` of every unique storage the model holds (params, buffers, quant state)."""
+def resident_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters, their bitsandbytes quantisation state and buffers: what is resident."""
     tensors: list[torch.Tensor] = []
     for p in model.parameters():
         tensors.append(p)
         tensors += quant_state_tensors(p)
-    tensors += list(model.buffers())
+    return tensors + list(model.buffers())
+
+
+def resident_storages(model: torch.nn.Module) -> dict[int, int]:
+    """``{storage._cdata: nbytes}`` of every unique storage the model holds (params, buffers, quant state)."""
     out: dict[int, int] = {}
-    for t in tensors:
+    for t in resident_tensors(model):
         if t.device.type == "meta":
             continue
         storage = t.untyped_storage()
@@ -75,6 +79,8 @@ class CpuProbe:
         resident = resident_storages(model)
         self.resident_bytes = sum(resident.values())
         self.tracker = StorageTracker(ignore=set(resident))
+        self.tracker.watch_resident([t.untyped_storage() for t in resident_tensors(model)
+                                     if t.device.type != "meta"])
         self.tracker.__enter__()
         self._entered = True
 

@@ -24,6 +24,7 @@ class StorageTracker(TorchDispatchMode):
         super().__init__()
         self._live: dict[int, int] = {}
         self._ignore = set(ignore or ())
+        self._watched: set[int] = set()
         self.current_bytes = 0
         self.peak_bytes = 0
         self.phase_peaks: dict[str, int] = {}
@@ -59,6 +60,21 @@ class StorageTracker(TorchDispatchMode):
         self.current_bytes += nbytes
         weakref.finalize(storage, self._free, key, nbytes)
         self._bump()
+
+    def watch_resident(self, storages: list[Any]) -> None:
+        """Count the death of resident storages (bitsandbytes' ``Linear4bit`` replaces a bias of
+        another dtype by a cast copy in the first forward): their bytes leave the count, which
+        may then fall below the resident baseline, and their addresses may be reused by new
+        storages, which are then counted."""
+        for storage in storages:
+            key = storage._cdata
+            if key in self._ignore and key not in self._watched:
+                self._watched.add(key)
+                weakref.finalize(storage, self._resident_freed, key, storage.nbytes())
+
+    def _resident_freed(self, key: int, nbytes: int) -> None:
+        self._ignore.discard(key)
+        self.current_bytes -= nbytes
 
     def _free(self, key: int, nbytes: int) -> None:
         if self._live.pop(key, None) is not None:

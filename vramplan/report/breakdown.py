@@ -14,6 +14,7 @@ def estimate_json(e: Estimate, gpu: Any = None, calib: Any = None) -> dict[str, 
     """The `vramplan estimate --json` object (bytes are exact integers)."""
     out: dict[str, Any] = {
         "model": e.model.name,
+        "engine": "analytic",
         "setup": {**e.train.as_dict(), "device": e.device},
         "params": {"total": e.params_total, "trainable": e.params_trainable},
         "terms": {t.key: t.nbytes for t in e.breakdown.terms},
@@ -115,4 +116,20 @@ def render_top_terms(e: Estimate, top: int = TOP) -> str:
               "GiB" + (f"; paged optimizer states {e.paged_bytes / GIB:.2f} GiB apart"
                        if e.paged_bytes else ""),
               "(--breakdown lists every term; `vramplan estimate` the same with its notes)"]
+    return "\n".join(lines)
+
+
+def render_trace_text(a) -> str:
+    """A traced answer (:class:`vramplan.trace.answer.TraceAnswer`): its groups at the peak and
+    the notes."""
+    lines = [f"{a.model} ({a.model_type}) {a.setup['method']}, seq {a.setup['seq_len']}, batch "
+             f"{a.setup['batch']}: engine trace"
+             + (" (cached)" if a.cached else f" ({a.wall_s:.1f} s)"), "",
+             f"{'group at the peak (' + a.peak_phase + ')':<44} {'GiB':>9}"]
+    for key, nbytes in sorted(a.groups.items(), key=lambda kv: -kv[1]):
+        if nbytes:
+            lines.append(f"  {key:<42} {nbytes / GIB:>9.3f}")
+    lines += [f"  {'peak allocated':<42} {a.peak_allocated_bytes / GIB:>9.3f}", "",
+              f"params: {a.params_total:,} total, {a.params_trainable:,} trainable"]
+    lines += [f"note: {n}" for n in a.notes]
     return "\n".join(lines)

@@ -117,13 +117,14 @@ def summary_text(s: "pd.DataFrame") -> str:
 
 
 def compare_files(paths: Sequence[Path], calib: Mapping[str, Any],
-                  tolerance: float = DEFAULT_TOLERANCE) -> list[Comparison]:
+                  tolerance: float = DEFAULT_TOLERANCE, engine: str = "analytic"
+                  ) -> list[Comparison]:
     """Every record of every results file against a fresh estimate (source = the file's stem;
     relative model paths resolve against the file's folder)."""
     from vramplan.measure.records import read_records
 
     return [compare_record(r, calib, tolerance, source=Path(path).stem,
-                           anchor=Path(path).resolve().parent)
+                           anchor=Path(path).resolve().parent, engine=engine)
             for path in paths for r in read_records(path)]
 
 

@@ -158,7 +158,7 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
         # a parameter whose data the step replaced (a bias cast by Linear4bit) is a weight
         tag_storages(rec, tags, list(model.parameters()), "recast_weights")
         rec.detach()
-        n_total = sum(p.numel() for p in unique_params(model))
+        n_total = sum(logical_numel(p) for p in unique_params(model))
         n_train = sum(p.numel() for p in params)
     events = rec.events
     pk = peaks(events, rec.marks, warmup)
@@ -172,6 +172,19 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     return TraceResult(r + pk.peak_bytes, r, peak_phase, phase_peaks, groups, at_peak, kinds,
                        hf_config(cfg).get_text_config().num_hidden_layers, n_total, n_train,
                        tuple(events), round(time.perf_counter() - t0, 3))
+
+
+def logical_numel(p: Any) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight (two per byte) counts the weight it
+    quantises (``quant_state.shape``), as transformers' and the analytic parameter counts do."""
+    qs = getattr(p, "quant_state", None)
+    shape = getattr(qs, "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return p.numel()
 
 
 def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec: Recorder,
@@ -240,14 +253,10 @@ def unique_params(model: Any) -> list[Any]:
 
 
 def resident_tensors(model: Any) -> list[Any]:
-    """Parameters, their bitsandbytes quantisation state and buffers: what is resident."""
-    from vramplan.measure.probes import quant_state_tensors
+    """Parameters, their bitsandbytes quantisation state and buffers (the harness's list)."""
+    from vramplan.measure.probes import resident_tensors as harness_resident
 
-    out: list[Any] = []
-    for p in model.parameters():
-        out.append(p)
-        out += quant_state_tensors(p)
-    return out + list(model.buffers())
+    return harness_resident(model)
 
 
 def resident_groups(model: Any) -> dict[str, int]:

@@ -1,0 +1,139 @@
+"""The trace engine behind the CLI: `estimate --engine trace|auto`, its cache, its errors, and
+`check --engine trace`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from vramplan.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+OLMO2 = ROOT / "validation/configs/trace/olmo2-tiny.json"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "cache"))
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(["estimate", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_auto_uses_the_trace_engine_for_a_family_the_analytic_engine_does_not_know(capsys):
+    out = run_json(capsys, str(OLMO2), "--method", "lora", "--seq-len", "256", "--lora-dropout",
+                   "0")
+    assert out["engine"] == "trace" and out["model_type"] == "olmo2"
+    assert out["peak_allocated_bytes"] == sum(out["terms"].values())
+    assert out["peak_reserved_bytes"] is None and out["device_total_bytes"] is None
+    assert out["params"]["trainable"] > 0 and out["params"]["total"] > out["params"]["trainable"]
+
+
+def test_auto_keeps_the_analytic_engine_where_it_knows_the_family(capsys):
+    assert run_json(capsys, "llama-2-7b")["engine"] == "analytic"
+
+
+def test_the_engines_agree_on_a_family_both_know(capsys):
+    """CPU semantics on both sides: the analytic estimate for device cpu and the trace."""
+    from vramplan.model.estimate import estimate
+    from vramplan.profiles import load_calibration, load_model
+    from vramplan.specs import TrainSpec
+
+    ref = str(ROOT / "validation/configs/llama-gqa-tiny.json")
+    for method in ("full", "lora", "qlora"):
+        t = TrainSpec(method=method, seq_len=512, lora_dropout=0.0, optimizer="adamw")
+        analytic = estimate(load_model(ref), t, load_calibration(), "cpu").peak_allocated_bytes
+        argv = [ref, "--engine", "trace", "--method", method, "--seq-len", "512",
+                "--lora-dropout", "0", "--optimizer", "adamw"]
+        traced = run_json(capsys, *argv)["peak_allocated_bytes"]
+        assert traced == pytest.approx(analytic, rel=0.01), method
+
+
+def test_a_second_call_is_answered_from_the_cache(capsys):
+    argv = (str(OLMO2), "--method", "qlora", "--seq-len", "128", "--lora-dropout", "0")
+    first = run_json(capsys, *argv)
+    t0 = time.perf_counter()
+    second = run_json(capsys, *argv)
+    assert time.perf_counter() - t0 < 0.5
+    assert second["trace"]["cached"] and not first["trace"]["cached"]
+    assert second["peak_allocated_bytes"] == first["peak_allocated_bytes"]
+
+
+def test_a_model_type_transformers_does_not_know_is_one_line_and_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "not_a_real_arch", "hidden_size": 8}))
+    assert main(["estimate", str(cfg), "--engine", "trace"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not known to transformers" in err[0]
+
+
+def test_a_setup_the_libraries_refuse_is_one_line_and_exit_2(capsys):
+    """peft refuses LoRA dropout on fused MoE experts (ParamWrapper): said, not a traceback."""
+    moe = str(ROOT / "validation/configs/trace/qwen3_moe-tiny.json")
+    assert main(["estimate", moe, "--method", "lora", "--lora-dropout", "0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "refused this setup" in err[-1] and "lora_dropout" in err[-1]
+
+
+def test_check_with_the_trace_engine_meets_the_bar_on_new_families(tmp_path, capsys):
+    """Committed CPU steps of model types the analytic engine does not know, against the trace
+    (3% is the issue's bar; two families here, all 23 in CI)."""
+    records = [json.loads(x) for x in
+               (ROOT / "validation/results/cpu-trace.jsonl").read_text().splitlines()]
+    few = [{**r, "model": str(ROOT / r["model"])} for r in records
+           if r["case_id"].split("-")[0] in ("olmo2", "qwen3_moe")]
+    assert len(few) == 6
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in few))
+    assert main(["check", str(path), "--engine", "trace", "--tolerance", "0.03"]) == 0
+
+
+@pytest.mark.slow
+def test_check_with_the_trace_engine_on_every_committed_cpu_record(capsys):
+    """cpu-trace (23 model types) at 3%; cpu-ci (the analytic families) at 2%, where the only
+    case it cannot trace is int8 QLoRA."""
+    assert main(["check", str(ROOT / "validation/results/cpu-trace.jsonl"), "--engine", "trace",
+                 "--tolerance", "0.03"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(ROOT / "validation/results/cpu-ci.jsonl"), "--engine", "trace",
+                 "--tolerance", "0.02"]) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.endswith("FAIL")]
+    assert len(failed) == 1 and "int8" in failed[0]
+
+
+@pytest.mark.parametrize("name,plan", [("llama-2-70b", (2, 3)), ("deepseek-v3", (4, 5)),
+                                       ("gemma-3-12b", (6, 12)), ("llama-4-scout", (4, 8)),
+                                       ("gpt-oss-20b", (2, 4)), ("gemma-3-27b", None)])
+def test_deep_models_are_traced_at_depths_a_whole_layer_pattern_apart(name, plan):
+    """Dense prefix (DeepSeek-V3: 3 dense layers), sliding/full patterns (Gemma-3: 5+1,
+    gpt-oss: 1+1), chunked/full with NoPE (Llama-4: 3+1); 62 Gemma-3 layers are not whole
+    periods after the first, so that one is traced whole."""
+    from vramplan.profiles import load_hf_config
+    from vramplan.trace.answer import layer_plan
+
+    assert layer_plan(load_hf_config(name)[1]) == plan
+
+
+@pytest.mark.slow
+def test_a_patterned_stack_extrapolates_to_its_full_depth_trace():
+    """gemma3_text with its 5 sliding + 1 full pattern, 18 layers: traced at 6 and 12 layers and
+    extrapolated, equal to the 18-layer trace."""
+    from vramplan.specs import TrainSpec
+    from vramplan.trace.answer import _trace, layer_plan
+    from vramplan.trace.engine import trace_step
+
+    cfg = {**json.loads((ROOT / "validation/configs/trace/gemma3_text-tiny.json").read_text()),
+           "num_hidden_layers": 18, "sliding_window": 32}
+    assert layer_plan(cfg) == (6, 12)
+    t = TrainSpec(method="lora", seq_len=128, lora_r=8, lora_dropout=0.0, optimizer="adamw")
+    assert _trace(cfg, t)["peak"] == trace_step(cfg, t).peak_allocated_bytes
