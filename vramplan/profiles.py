@@ -22,15 +22,18 @@ from vramplan.specs import GpuSpec, ModelSpec, Search, SpecError
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"tie_default": False},
     "mistral": {"tie_default": False},
-    "mixtral": {"tie_default": False},
+    "mixtral": {"tie_default": False, "moe": True},
     # Qwen2Attention: q/k/v_proj bias=True, o_proj bias=False (hard-coded).
-    "qwen2": {"tie_default": False, "qkv_bias": True},
+    "qwen2": {"tie_default": False, "qkv_bias": True, "o_bias": False},
     # Qwen3Attention: q_norm/k_norm RMSNorm(head_dim); biases follow attention_bias.
     "qwen3": {"tie_default": False, "qk_norm": True},
-    # GemmaModel scales embeddings by sqrt(hidden_size); tied by default.
-    "gemma": {"tie_default": True, "scaled_embeddings": True},
-    # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward norms.
-    "gemma2": {"tie_default": True, "scaled_embeddings": True, "norms_per_layer": 4},
+    # GemmaModel scales embeddings by sqrt(hidden_size); tied by default. GemmaRMSNorm computes
+    # in fp32 and returns type_as(x).
+    "gemma": {"tie_default": True, "scaled_embeddings": True, "norm_style": "gemma"},
+    # Gemma2DecoderLayer: input, post_attention, pre_feedforward, post_feedforward norms;
+    # soft-capped attention: transformers 5.x refuses SDPA; every other layer slides.
+    "gemma2": {"tie_default": True, "scaled_embeddings": True, "norm_style": "gemma",
+               "post_norms": True, "sdpa": False, "sliding": True},
     # Phi3Attention: one qkv_proj; Phi3MLP: one gate_up_proj.
     "phi3": {"tie_default": False, "fused_qkv": True, "fused_gate_up": True},
 }
@@ -93,7 +96,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
             raise SpecError(f"{name}: config.json {key} must be a whole number, got {value!r}")
         if value <= 0 and key not in ("num_local_experts", "num_experts_per_tok"):
             raise SpecError(f"{name}: config.json {key} must be positive, got {value}")
-    if model_type == "mixtral" and not (config.get("num_local_experts")
+    if fam.get("moe") and not (config.get("num_local_experts")
                                         and config.get("num_experts_per_tok")):
         raise SpecError(f"{name}: a mixtral config.json needs num_local_experts and "
                         "num_experts_per_tok (it would be estimated as a dense model)")
@@ -118,17 +121,20 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
             vocab_size=int(config["vocab_size"]),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", fam["tie_default"])),
             qkv_bias=fam.get("qkv_bias", bias),
-            o_bias=bias if model_type != "qwen2" else False,
+            o_bias=fam.get("o_bias", bias),
             mlp_bias=bool(config.get("mlp_bias", False)),
             fused_qkv=fam.get("fused_qkv", False),
             fused_gate_up=fam.get("fused_gate_up", False),
-            norms_per_layer=fam.get("norms_per_layer", 2),
+            norms_per_layer=4 if fam.get("post_norms") else 2,
+            post_norms=fam.get("post_norms", False),
+            norm_style=fam.get("norm_style", "llama"),
+            sdpa=fam.get("sdpa", True),
             qk_norm=fam.get("qk_norm", False),
             num_local_experts=int(config.get("num_local_experts") or 0),
             num_experts_per_tok=int(config.get("num_experts_per_tok") or 0),
             final_logit_softcapping=config.get("final_logit_softcapping"),
             scaled_embeddings=fam.get("scaled_embeddings", False),
-            sliding_window=config.get("sliding_window") if model_type == "gemma2" else None,
+            sliding_window=config.get("sliding_window") if fam.get("sliding") else None,
             max_context=int(config["max_position_embeddings"])
             if config.get("max_position_embeddings") else None,
         )

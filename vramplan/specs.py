@@ -55,7 +55,10 @@ class ModelSpec:
     mlp_bias: bool = False
     fused_qkv: bool = False  # one qkv_proj (phi3)
     fused_gate_up: bool = False  # one gate_up_proj (phi3)
-    norms_per_layer: int = 2  # gemma2 has 4
+    norms_per_layer: int = 2  # gemma2 has 4 (post_norms)
+    post_norms: bool = False  # gemma2: post-attention and post-feedforward norms too
+    norm_style: str = "llama"  # "gemma": fp32 norm returning the input dtype (type_as(x))
+    sdpa: bool = True  # transformers has an SDPA path (gemma2 does not: soft-capping)
     qk_norm: bool = False  # per-head RMSNorm on q and k (qwen3)
     num_local_experts: int = 0  # 0 = dense MLP
     num_experts_per_tok: int = 0

@@ -188,8 +188,9 @@ def check_targets(m: ModelSpec, t: TrainSpec) -> None:
 
 
 def effective_setup(m: ModelSpec, t: TrainSpec) -> TrainSpec:
-    """The setup transformers actually runs: Gemma-2 refuses SDPA (soft-capping), so eager."""
-    if m.model_type == "gemma2" and t.attn == "sdpa":
+    """The setup transformers actually runs: a family without an SDPA path (Gemma-2: soft-capping)
+    runs eager attention."""
+    if not m.sdpa and t.attn == "sdpa":
         return replace(t, attn="eager")
     return t
 

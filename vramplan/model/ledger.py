@@ -137,7 +137,7 @@ def rmsnorm(c: LayerCtx, led: Ledger, x: T, name: str, rows: int = 1) -> T:
     """RMSNorm saves an fp32 view of x (x itself when fp32) and rsqrt; a trainable weight also
     saves the normalised input. Llama style returns weight·y (promoted dtype); Gemma style returns
     ``type_as(x)``. Ref: ``LlamaRMSNorm.forward``, ``Gemma2RMSNorm.forward``."""
-    gemma = c.m.model_type in ("gemma", "gemma2")
+    gemma = c.m.norm_style == "gemma"
     led.save(cast(x, FP32, f"{name}.x32"))
     led.save(T(f"{name}.rsqrt", rows, FP32))
     trainable = c.t.method == "full"
@@ -245,7 +245,7 @@ def layer_ledger(c: LayerCtx) -> Ledger:
     led = Ledger()
     lins = {lin.name: lin for lin in layer_linears(c.m)}
     x = T("layer_in", c.m.hidden_size, c.d.residual)
-    gemma2 = c.m.norms_per_layer == 4
+    gemma2 = c.m.post_norms
     a = attention(c, led, rmsnorm(c, led, x, "input_norm"), lins)
     if gemma2:
         a = rmsnorm(c, led, a, "post_attn_norm")
