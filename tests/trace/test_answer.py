@@ -43,17 +43,19 @@ def test_auto_keeps_the_analytic_engine_where_it_knows_the_family(capsys):
 
 
 def test_the_engines_agree_on_a_family_both_know(capsys):
-    """CPU semantics on both sides: the analytic estimate for device cpu and the trace."""
+    """CPU semantics on both sides: the analytic estimate for device cpu and the trace (bf16, as
+    the cross-check; mixed precision on CPU runs through the harness's autocast shim)."""
     from vramplan.model.estimate import estimate
     from vramplan.profiles import load_calibration, load_model
     from vramplan.specs import TrainSpec
 
     ref = str(ROOT / "validation/configs/llama-gqa-tiny.json")
     for method in ("full", "lora", "qlora"):
-        t = TrainSpec(method=method, seq_len=512, lora_dropout=0.0, optimizer="adamw")
+        t = TrainSpec(method=method, seq_len=512, lora_dropout=0.0, optimizer="adamw",
+                      precision="bf16")
         analytic = estimate(load_model(ref), t, load_calibration(), "cpu").peak_allocated_bytes
         argv = [ref, "--engine", "trace", "--method", method, "--seq-len", "512",
-                "--lora-dropout", "0", "--optimizer", "adamw"]
+                "--lora-dropout", "0", "--optimizer", "adamw", "--precision", "bf16"]
         traced = run_json(capsys, *argv)["peak_allocated_bytes"]
         assert traced == pytest.approx(analytic, rel=0.01), method
 

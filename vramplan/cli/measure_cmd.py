@@ -56,7 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="relative error allowed, a fraction in (0, 1): 0.05 = 5%%")
     c.add_argument("--calibration", default="default")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--engine", choices=("analytic", "trace", "auto"), default="analytic",
+    c.add_argument("--engine", choices=("analytic", "trace", "auto"), default="auto",
                    help="which engine re-estimates the records: analytic (every level), trace "
                         "(peak allocated of CPU records; any architecture transformers ships), "
                         "auto (analytic where it knows the family, else trace)")

@@ -109,7 +109,10 @@ def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple
 def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """Everything outside the decoder layers: cos/sin, final norm, lm_head input, token ids."""
     n, h = t.seq_len * t.batch, m.hidden_size
-    final = 4 * h + 4 if d.residual != FP32 else 4  # fp32 copy (or x itself) + rsqrt
+    # RMSNorm saves an fp32 view of its input and rsqrt: a new fp32 copy when the residual stream
+    # is 16-bit; the last layer's output itself when it is fp32 (QLoRA after k-bit prep), which
+    # no other term counts (the checkpoints are layer inputs)
+    final = 4 * h + 4
     if t.method == "full":
         final += h * d.residual  # trainable weight saves the normalised input
     terms = [

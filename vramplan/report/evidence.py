@@ -130,15 +130,30 @@ def compare_files(paths: Sequence[Path], calib: Mapping[str, Any],
 
 def readme_block(root: Path, calib: Mapping[str, Any]) -> str:
     """The README's generated evidence block: the summary per source and per method."""
-    paths = sorted((root / "validation" / "results").glob("*.jsonl"))
+    paths = [p for p in sorted((root / "validation" / "results").glob("*.jsonl"))
+             if analytic_families_only(p)]
     df = frame(compare_files(paths, calib))
     names = ", ".join(f"`validation/results/{p.name}`" for p in paths)
     return "\n".join([
         README_START,
-        f"Measured vs predicted over {names} (`vramplan check validation/results/*.jsonl "
-        "--by source,method`; |relative error| of the estimate per level, successful runs):",
+        f"Analytic engine, measured vs predicted over {names} (`vramplan check "
+        f"{' '.join('validation/results/' + p.name for p in paths)} --by source,method`; "
+        "|relative error| of the estimate per level, successful runs):",
         "", summary_markdown(summary(df, ("source", "method"))), "",
         *time_block(paths, calib), README_END])
+
+
+def analytic_families_only(path: Path) -> bool:
+    """Whether every record of a results file is of a family the analytic engine knows (the
+    trace engine's files, validation/results/cpu-trace.jsonl, are checked apart)."""
+    from vramplan.measure.records import read_records
+    from vramplan.profiles import SUPPORTED_MODEL_TYPES, load_hf_config, resolve_ref
+
+    for r in read_records(path):
+        ref = resolve_ref(str(r.get("model")), path.resolve().parent)
+        if load_hf_config(ref)[1].get("model_type") not in SUPPORTED_MODEL_TYPES:
+            return False
+    return True
 
 
 def time_block(paths: Sequence[Path], calib: Mapping[str, Any]) -> list[str]:

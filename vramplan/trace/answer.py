@@ -36,7 +36,7 @@ from typing import Any
 from vramplan.specs import SpecError, TrainSpec
 
 #: Bump when the trace's recorded quantities change meaning (invalidates cached answers).
-TRACE_VERSION = 1
+TRACE_VERSION = 2
 #: Models up to this many decoder layers are traced at full depth.
 FULL_DEPTH_LAYERS = 4
 #: The depths a deeper model is traced at before extrapolating.

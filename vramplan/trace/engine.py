@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramplan.specs import SpecError, TrainSpec
-from vramplan.trace.fake import SmallReal, fake_mode, untraced_transformers
+from vramplan.trace.fake import SmallReal, fake_mode, foreach_sees_fake, untraced_transformers
 from vramplan.trace.recorder import PHASES, Event, Recorder, live_at, peaks
 
 #: Groups of the step's live bytes at the peak (see :func:`step_groups`).
@@ -151,7 +151,7 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
         tags: dict[int, str] = {}
         shim = needs_shim(train, device)
         with cpu_autocast_shim() if shim else contextlib.nullcontext(), \
-                untraced_transformers(), SmallReal(), rec:
+                untraced_transformers(), foreach_sees_fake(), SmallReal(), rec:
             for step in range(warmup + 1):
                 rec.start_step(step)
                 run_step(model, opt, ids, train, device, rec, tags)

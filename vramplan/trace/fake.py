@@ -63,6 +63,25 @@ def untraced_transformers() -> Iterator[None]:
         import_utils.is_fake_tensor = original
 
 
+@contextlib.contextmanager
+def foreach_sees_fake() -> Iterator[None]:
+    """Let torch's foreach dispatch decisions treat fake tensors as the plain tensors they stand
+    for (``torch.utils._foreach_utils._has_foreach_support`` accepts ``type(t) is Tensor`` only):
+    ``clip_grad_norm_`` then takes the same ``_foreach_norm`` path as a real step."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _foreach_utils
+
+    types = _foreach_utils._foreach_supported_types
+    added = FakeTensor not in types
+    if added:
+        types.append(FakeTensor)
+    try:
+        yield
+    finally:
+        if added:
+            types.remove(FakeTensor)
+
+
 def _grouped_mm_any_dtype(func: Any, args: Any, kwargs: Any) -> Any:
     """``aten._grouped_mm`` for any float dtype: its meta function accepts bf16 only (the CUDA
     rule), while the CPU kernel takes fp32 too (QLoRA's k-bit prep upcasts fused MoE experts to
