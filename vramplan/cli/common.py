@@ -97,13 +97,12 @@ def output_path(value: str, suffixes: tuple[str, ...] = ()) -> Path:
 
 def trace_engine():
     """The trace engine's answer module, or a one-line error naming the extra it needs."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("torch") is None or find_spec("transformers") is None:  # found, not imported
         raise UserError("the trace engine needs torch and transformers: pip install "
                         "'vramplan[trace]' (or use --engine analytic for the families it "
-                        "knows)") from None
+                        "knows)")
     from vramplan.trace import answer
 
     return answer

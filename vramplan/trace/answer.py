@@ -201,10 +201,8 @@ def _trace(cfg: dict[str, Any], train: TrainSpec) -> dict[str, Any]:
 
 def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec,
                  use_cache: bool = True) -> TraceAnswer:
-    """The traced answer for one model config and setup (cached; see the module docstring)."""
-    from vramplan.trace.engine import check_model_type
-
-    check_model_type(cfg)
+    """The traced answer for one model config and setup (cached; see the module docstring). A
+    cached answer is read without importing torch or transformers."""
     key = cache_key(cfg, train)
     path = cache_dir() / f"{key}.json"
     data, cached = None, False
@@ -214,6 +212,9 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec,
         except (OSError, ValueError):
             data = None
     if data is None:
+        from vramplan.trace.engine import check_model_type
+
+        check_model_type(cfg)
         layers = int(cfg.get("num_hidden_layers") or 0)
         plan = layer_plan(cfg) if layers > FULL_DEPTH_LAYERS else None
         depth = f"{' and '.join(map(str, plan))} of {layers} layers" if plan else \
