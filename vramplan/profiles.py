@@ -133,6 +133,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
             num_local_experts=int(config.get("num_local_experts") or 0),
             num_experts_per_tok=int(config.get("num_experts_per_tok") or 0),
             final_logit_softcapping=config.get("final_logit_softcapping"),
+            attn_logit_softcapping=config.get("attn_logit_softcapping"),
             scaled_embeddings=fam.get("scaled_embeddings", False),
             sliding_window=config.get("sliding_window") if fam.get("sliding") else None,
             max_context=int(config["max_position_embeddings"])

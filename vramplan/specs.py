@@ -63,6 +63,7 @@ class ModelSpec:
     num_local_experts: int = 0  # 0 = dense MLP
     num_experts_per_tok: int = 0
     final_logit_softcapping: float | None = None  # gemma2: tanh soft-capping of the logits
+    attn_logit_softcapping: float | None = None  # gemma2: tanh soft-capping of attention scores
     scaled_embeddings: bool = False  # gemma: embeddings multiplied by sqrt(hidden_size)
     sliding_window: int | None = None  # gemma2: every other layer attends to this many tokens
     max_context: int | None = None  # max_position_embeddings: the longest sequence it was made for

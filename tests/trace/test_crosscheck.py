@@ -15,21 +15,20 @@ from vramplan.trace.crosscheck import TOLERANCE, run  # noqa: E402
 #: (config, method, grad_ckpt, seq_len) -> the analytic engine's error against the trace, as
 #: found (python -m vramplan.trace.crosscheck). Found, not yet explained; where they cluster:
 #: - Mixtral (the MoE block): -3% to +4%;
-#: - Gemma-2 without checkpointing (eager attention, soft-capping, 4 norms): -1% to -7%;
+#: - Gemma-2 LoRA / QLoRA without checkpointing: +1.4% to +3.3% (an over-count, left after the
+#:   attention soft-capping's saved tanh output was added: before it, -1% to -7%);
 #: - Qwen2 / Phi-3 without checkpointing at seq 512: +1.1%.
 KNOWN_GAPS = {
-    ("qwen2-tiny", "lora", False, 512): 0.0107,
-    ("qwen2-tiny", "qlora", False, 512): 0.0104,
-    ("phi3-tiny", "lora", False, 512): 0.0106,
-    ("mixtral-tiny", "lora", True, 128): -0.0297,
-    ("mixtral-tiny", "lora", False, 128): -0.0208,
-    ("mixtral-tiny", "qlora", True, 128): -0.0227,
-    ("mixtral-tiny", "qlora", True, 512): 0.0419,
-    ("gemma2-tiny", "full", False, 128): -0.0107,
-    ("gemma2-tiny", "full", False, 512): -0.0426,
-    ("gemma2-tiny", "lora", False, 512): -0.0288,
-    ("gemma2-tiny", "qlora", False, 128): -0.0152,
-    ("gemma2-tiny", "qlora", False, 512): -0.0722,
+    ('qwen2-tiny', 'lora', False, 512): 0.0107,
+    ('qwen2-tiny', 'qlora', False, 512): 0.0104,
+    ('phi3-tiny', 'lora', False, 512): 0.0106,
+    ('mixtral-tiny', 'lora', True, 128): -0.0297,
+    ('mixtral-tiny', 'lora', False, 128): -0.0208,
+    ('mixtral-tiny', 'qlora', True, 128): -0.0227,
+    ('mixtral-tiny', 'qlora', True, 512): 0.0419,
+    ('gemma2-tiny', 'lora', False, 128): 0.0143,
+    ('gemma2-tiny', 'lora', False, 512): 0.0288,
+    ('gemma2-tiny', 'qlora', False, 512): 0.0328,
 }
 
 

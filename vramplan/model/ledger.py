@@ -153,7 +153,8 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     RoPE (``q*cos + rotate_half(q)*sin``) saves only cos/sin (shared, counted once per forward);
     SDPA/FA2 save q, k, v, the output and an fp32 logsumexp of nh per token, with GQA k/v unrepeated
     (transformers ``use_gqa_in_sdpa`` with no mask); eager repeats k/v and saves the fp32 softmax
-    and its cast copy (nh·s each). The SDPA output already has (b, s, nh, hd) strides, so HF's
+    and its cast copy (nh·s each), and with attention soft-capping (Gemma-2) tanh's output. The SDPA
+    output already has (b, s, nh, hd) strides, so HF's
     ``transpose(1, 2).contiguous()`` before o_proj makes no copy.
     """
     m, d = c.m, c.d
@@ -178,6 +179,8 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
         s, nh = c.t.seq_len, m.num_attention_heads
         # ``matmul(q, k.T) * scaling`` then ``+ mask``: two score-sized tensors at a time
         led.in_flight(2 * nh * s * e, (nh * s * e, nh * s * e))
+        if m.attn_logit_softcapping:  # Gemma-2: ``tanh(scores / cap) * cap``; tanh saves its output
+            led.save(T("attn_softcap_tanh", nh * s, e))
         probs = T("attn_probs_fp32", nh * s, FP32)  # softmax(..., dtype=float32)
         led.save(probs)
         led.save(cast(probs, e, "attn_probs"))  # .to(query.dtype): no copy when fp32
