@@ -250,3 +250,14 @@ def test_help_shows_every_default(capsys):
         for flag in flags:
             block = re.search(rf"^  {flag}[ ,].*?(?=^  -|\Z)", out, re.M | re.S).group(0)
             assert "(default" in block, (cmd, flag)
+
+
+def test_an_moe_setup_peft_refuses_says_so(capsys):
+    """peft 0.21 raises for LoRA dropout on fused MoE experts (all-linear): the estimate says
+    the setup does not run as given (found by the trace engine, which runs peft)."""
+    assert main(["estimate", "mixtral-8x7b", "--method", "lora", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("does not run as given" in n for n in notes)
+    assert main(["estimate", "mixtral-8x7b", "--method", "lora", "--lora-dropout", "0",
+                 "--json"]) == 0
+    assert not any("does not run" in n for n in json.loads(capsys.readouterr().out)["notes"])

@@ -226,6 +226,12 @@ def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str)
                      "after prepare_model_for_kbit_training, above LoRA's bf16 copy; with "
                      "all-linear, peft adapts them through target_parameters (counted in the "
                      "trainable parameters)")
+    if m.is_moe and t.method != "full" and t.target_modules() is None and t.lora_dropout > 0:
+        notes.append("this setup does not run as given: peft 0.21 refuses LoRA dropout on fused "
+                     "MoE experts, which all-linear adapts through ParamWrapper (ValueError "
+                     "'lora.ParamWrapper does not work with lora_dropout != 0'); use "
+                     "--lora-dropout 0 or name the targets (the estimate is for the setup as "
+                     "given, dropout masks included)")
     if t.attn != "eager":
         notes.append(f"{t.attn}: no s x s score matrix is saved (logsumexp only)")
     opt = t.resolved_optimizer

@@ -262,7 +262,11 @@ def hardware_markdown(title: str, models: Sequence[str], gpus: Sequence[GpuSpec]
     note = "" if not moe else (
         f"\n\n{', '.join(moe)}: QLoRA needs more than LoRA because transformers 5.x keeps MoE "
         "experts as fused 3-D parameters, which bitsandbytes does not quantise and "
-        "prepare_model_for_kbit_training casts to fp32 (LoRA keeps them in bf16).")
+        "prepare_model_for_kbit_training casts to fp32 (LoRA keeps them in bf16)."
+        + (" peft 0.21 refuses LoRA dropout on those fused experts (all-linear adapts them "
+           f"through ParamWrapper): with this table's dropout {train.lora_dropout} the LoRA and "
+           "QLoRA runs raise; run them with lora_dropout 0 (a little less memory)."
+           if train.lora_dropout > 0 else ""))
     measured = "" if not rows else (
         "\n\nMeasured beside the estimate (device total, GiB; validation/results/):\n\n" +
         markdown(["model", "method", "estimate (GiB)", "measured (GiB)"], rows))
