@@ -10,9 +10,11 @@ no fitted constant: it comes from the allocator replay.
 
 from __future__ import annotations
 
+from math import log
 from statistics import median
 from typing import Any, Mapping, Sequence
 
+from vramplan.model.steptime import Rates, peak_tflops, step_time
 from vramplan.specs import SpecError
 
 FITTABLE = ("non_allocator", "time")
@@ -150,7 +152,6 @@ def to_toml(data: Mapping[str, Any], base: Mapping[str, Any]) -> str:
 #: operation (Python, dispatcher, launch) costs between a microsecond and a millisecond.
 PLAUSIBLE_EFFICIENCY = (0.02, 1.0)
 PLAUSIBLE_SECONDS_PER_OP = (1e-6, 1e-3)
-TIME_KEYS = ("matmul_efficiency", "bandwidth_efficiency", "seconds_per_op")
 
 
 def time_rows(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any, float, float, str]]:
@@ -169,8 +170,6 @@ def time_rows(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any, floa
 
 
 def _predict(consts: Sequence[float], work: Any, gpu: Any, overhead: float) -> float:
-    from vramplan.model.steptime import Rates, peak_tflops, step_time
-
     e_mm, e_bw, t_op = consts
     rates = Rates(peak_tflops(gpu) * 1e12 * e_mm, gpu.memory_bandwidth_gbs * 1e9 * e_bw, t_op,
                   True, "fit")
@@ -179,8 +178,6 @@ def _predict(consts: Sequence[float], work: Any, gpu: Any, overhead: float) -> f
 
 def _loss(consts: Sequence[float], rows: Sequence[tuple]) -> float:
     """Sum of |log(predicted / measured)|: relative errors, robust to one slow step."""
-    from math import log
-
     return sum(abs(log(_predict(consts, w, g, o) / y)) for _, w, y, o, g in rows)
 
 

@@ -60,12 +60,17 @@ PROBE_OVERHEAD_S = 3 * 2 * 0.005
 LEGACY_SETUP = {"grad_accum": 1, "max_grad_norm": 0.0}
 
 
+def record_train(record: Mapping[str, Any]) -> TrainSpec:
+    """The setup of a recorded case (keys it predates filled in from :data:`LEGACY_SETUP`)."""
+    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
+    return TrainSpec.from_dict(setup)
+
+
 def record_spec(record: Mapping[str, Any], anchor: Path | None = None) -> tuple[ModelSpec,
                                                                                 TrainSpec]:
     """The model and setup of a recorded case; a relative model path resolves against ``anchor``
     (the results file's folder) when it is not found here."""
-    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
-    return load_model(resolve_ref(record["model"], anchor)), TrainSpec.from_dict(setup)
+    return load_model(resolve_ref(record["model"], anchor)), record_train(record)
 
 
 def estimate_for(record: Mapping[str, Any], calib: Mapping[str, Any],
@@ -180,8 +185,7 @@ def compare_traced(record: Mapping[str, Any], name: str, cfg: Mapping[str, Any],
 
     case_id = str(record.get("case_id", "?"))
     outcome = str(record.get("outcome", "?"))
-    setup = {**LEGACY_SETUP, **{k: v for k, v in record["setup"].items() if k != "device"}}
-    train = TrainSpec.from_dict(setup)
+    train = record_train(record)
     if record.get("device", "cuda") == "cuda":
         return Comparison(case_id, outcome, train.method, {}, {}, {}, (), None,
                           ("trace engine: CUDA records are not compared yet (the trace counts "

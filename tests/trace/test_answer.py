@@ -131,4 +131,4 @@ def test_a_patterned_stack_extrapolates_to_its_full_depth_trace():
            "num_hidden_layers": 18, "sliding_window": 32}
     assert layer_plan(cfg) == (6, 12)
     t = TrainSpec(method="lora", seq_len=128, lora_r=8, lora_dropout=0.0, optimizer="adamw")
-    assert _trace(cfg, t)["peak"] == trace_step(cfg, t).peak_allocated_bytes
+    assert _trace(cfg, t, layer_plan(cfg))["peak"] == trace_step(cfg, t).peak_allocated_bytes

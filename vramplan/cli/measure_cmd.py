@@ -298,9 +298,8 @@ def _leave_one_out(records: list[dict]) -> None:
                         f"found {len(rows)}")
     print(f"{'case':<56} {'measured s':>10} {'predicted s':>11} {'error':>7}")
     errs = []
-    for i, (case, y, p) in enumerate(leave_one_out(rows), 1):
+    for case, y, p in leave_one_out(rows):
         errs.append(abs(p - y) / y)
         print(f"{case[:56]:<56} {y:>10.3f} {p:>11.3f} {(p - y) / y:>+7.1%}")
-        print(f"  [{i}/{len(rows)}]", end="\r", file=sys.stderr)
     print(f"step time, leave-one-out: median |error| {median(errs):.1%}, max {max(errs):.1%} "
           f"over {len(errs)} records")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Mapping
 
 from vramplan.model import activations, optim, overhead, weights
 from vramplan.model.dtypes import dtypes_for
-from vramplan.model.ledger import LayerCtx, Ledger, layer_ledger
+from vramplan.model.ledger import ledger_for, per_token_setup
 from vramplan.model.params import layer_linears, total_params, trainable_params
 from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.model.timeline import Replay, replay
@@ -63,7 +63,7 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
                           "flash_attention_2")
     d = dtypes_for(t, device)
     shape_free = per_token_setup(t)
-    led = cached_ledger(m, shape_free, device)  # one decoder layer serves every user
+    led = ledger_for(m, t, device)  # one decoder layer serves every user
     rp = step_replay(m, t, device, int(calib["cublas_workspace"]["bytes"]) // 2) \
         if device == "cuda" and allocator else None
     held = setup_terms(m, shape_free, device)
@@ -78,24 +78,6 @@ def estimate(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str =
     return Estimate(m, t, device, full, held.params_total, held.params_trainable,
                     lv.phase_bytes, lv.peak_phase, lv.peak_allocated_bytes,
                     lv.peak_reserved_bytes, lv.device_total_bytes, lv.paged_bytes, rp)
-
-
-_SHAPE_FREE = tuple(f.name for f in fields(TrainSpec) if f.name not in ("seq_len", "batch"))
-_PER_TOKEN: dict[tuple, TrainSpec] = {}
-
-
-def per_token_setup(t: TrainSpec) -> TrainSpec:
-    """The setup with the batch shape taken out (seq 1, batch 1): what the resident terms and
-    the per-token layer ledger depend on. Eager attention's ledger holds s × s scores, so there
-    the sequence length stays. Memoised on the other fields (a sweep makes one per setup)."""
-    seq = t.seq_len if t.attn == "eager" else 1
-    key = (seq, *(getattr(t, name) for name in _SHAPE_FREE))
-    found = _PER_TOKEN.get(key)
-    if found is None:
-        if len(_PER_TOKEN) > 4096:
-            _PER_TOKEN.clear()
-        found = _PER_TOKEN[key] = replace(t, seq_len=seq, batch=1)
-    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +102,6 @@ def setup_terms(m: ModelSpec, t: TrainSpec, device: str) -> SetupTerms:
                       trainable_params(m, t))
 
 
-@lru_cache(maxsize=4096)
-def cached_ledger(m: ModelSpec, t: TrainSpec, device: str) -> Ledger:
-    """The per-token ledger of a decoder layer (see :func:`per_token_setup`). Shared: read it,
-    never change it."""
-    return layer_ledger(LayerCtx(m, t, dtypes_for(t, device)))
-
-
 def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
     """The allocator replay of one setup, memoised: sharding options do not change it (the
     replay is of one unsharded rank; see :func:`vramplan.model.sharding.shard_estimate`)."""
@@ -137,9 +112,8 @@ def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Repl
 
 @lru_cache(maxsize=1024)
 def cached_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
-    d = dtypes_for(t, device)
-    return replay(m, t, d, layer_ledger(LayerCtx(m, t, d)), device, t.expandable_segments,
-                  workspace)
+    return replay(m, t, dtypes_for(t, device), ledger_for(m, t, device), device,
+                  t.expandable_segments, workspace)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,10 @@ copies (peft's ``_cast_input_dtype``, autocast's casts of activations) are count
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 
-from vramplan.model.dtypes import Dtypes
+from vramplan.model.dtypes import Dtypes, dtypes_for
 from vramplan.model.params import Linear, layer_linears
 from vramplan.specs import ModelSpec, TrainSpec
 
@@ -258,3 +259,33 @@ def layer_ledger(c: LayerCtx) -> Ledger:
     if gemma2:
         rmsnorm(c, led, mlp, "post_mlp_norm")
     return led
+
+
+_SHAPE_FREE = tuple(f.name for f in fields(TrainSpec) if f.name not in ("seq_len", "batch"))
+_PER_TOKEN: dict[tuple, TrainSpec] = {}
+
+
+def per_token_setup(t: TrainSpec) -> TrainSpec:
+    """The setup with the batch shape taken out (seq 1, batch 1): what the resident terms and
+    the per-token layer ledger depend on. Eager attention's ledger holds s × s scores, so there
+    the sequence length stays. Memoised on the other fields (a sweep makes one per setup)."""
+    seq = t.seq_len if t.attn == "eager" else 1
+    key = (seq, *(getattr(t, name) for name in _SHAPE_FREE))
+    found = _PER_TOKEN.get(key)
+    if found is None:
+        if len(_PER_TOKEN) > 4096:
+            _PER_TOKEN.clear()
+        found = _PER_TOKEN[key] = replace(t, seq_len=seq, batch=1)
+    return found
+
+
+def ledger_for(m: ModelSpec, t: TrainSpec, device: str) -> Ledger:
+    """The layer ledger of a setup, built once per model and batch-shape-free setup (see
+    :func:`per_token_setup`) and shared by the estimate, the allocator replay and the step-time
+    model. Shared: read it, never change it."""
+    return _ledger(m, per_token_setup(t), device)
+
+
+@lru_cache(maxsize=4096)
+def _ledger(m: ModelSpec, t: TrainSpec, device: str) -> Ledger:
+    return layer_ledger(LayerCtx(m, t, dtypes_for(t, device)))

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from vramplan.model.activations import logits_bytes
 from vramplan.model.dtypes import dtypes_for
 from vramplan.model.layout import Layout, layout, trainable_order
-from vramplan.model.ledger import FP32, LayerCtx, layer_ledger
+from vramplan.model.ledger import FP32, ledger_for
 from vramplan.model.optim import state_pieces
 from vramplan.model.params import param_tensors
 from vramplan.specs import GpuSpec, ModelSpec, SpecError, TrainSpec
@@ -191,7 +191,7 @@ def gradient_bytes(lay: Layout) -> int:
 def step_work(m: ModelSpec, t: TrainSpec) -> StepWork:
     """The FLOPs, bytes and host ops of one optimizer step (CUDA dtypes)."""
     d = dtypes_for(t, "cuda")
-    lay = layout(m, t, d, layer_ledger(LayerCtx(m, t, d)), "cuda")
+    lay = layout(m, t, d, ledger_for(m, t, "cuda"), "cuda")
     L = m.num_hidden_layers
     act, deq, cast = layer_traffic(lay)
     ops = layer_ops(lay)

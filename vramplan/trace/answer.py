@@ -168,13 +168,20 @@ def layer_plan(cfg: dict[str, Any]) -> tuple[int, int] | None:
     return a, b
 
 
-def _trace(cfg: dict[str, Any], train: TrainSpec) -> dict[str, Any]:
-    """Run the trace (full depth or extrapolated) and summarise it as plain data."""
+def depth_plan(cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """The depths to trace (:func:`layer_plan`), or None to trace a shallow model whole."""
+    layers = int(cfg.get("num_hidden_layers") or 0)
+    return layer_plan(cfg) if layers > FULL_DEPTH_LAYERS else None
+
+
+def _trace(cfg: dict[str, Any], train: TrainSpec,
+           plan: tuple[int, int] | None) -> dict[str, Any]:
+    """Run the trace (``plan``: two depths to extrapolate from, None for full depth) and
+    summarise it as plain data."""
     from vramplan.trace.depth import linear_at, trace_depth
     from vramplan.trace.engine import trace_step
 
     layers = int(cfg.get("num_hidden_layers") or 0)
-    plan = layer_plan(cfg) if layers > FULL_DEPTH_LAYERS else None
     if plan is not None:
         d = trace_depth(cfg, train, layers=plan, target=layers)
         (a, ta), (b, tb) = zip(plan, d.traces)
@@ -216,14 +223,14 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec,
 
         check_model_type(cfg)
         layers = int(cfg.get("num_hidden_layers") or 0)
-        plan = layer_plan(cfg) if layers > FULL_DEPTH_LAYERS else None
+        plan = depth_plan(cfg)
         depth = f"{' and '.join(map(str, plan))} of {layers} layers" if plan else \
             f"all {layers} layers"
         print(f"vramplan: tracing {name} ({cfg.get('model_type')}, {train.method}) on fake tensors, "
               f"{depth}...", file=sys.stderr, flush=True)
         with quiet_libraries():
             try:
-                data = _trace(cfg, train)
+                data = _trace(cfg, train, plan)
             except (ValueError, NotImplementedError, RuntimeError, TypeError) as exc:
                 if os.environ.get("VRAMPLAN_DEBUG"):
                     raise
