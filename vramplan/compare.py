@@ -121,9 +121,10 @@ def unmeasured_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
 
 def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
                    tolerance: float = DEFAULT_TOLERANCE, source: str = "",
-                   anchor: Path | None = None, engine: str = "analytic") -> Comparison:
+                   anchor: Path | None = None, engine: str = "analytic",
+                   trace_depth: str = "auto") -> Comparison:
     """Compare one record at every level it measured; an OOM must be predicted not to fit.
-    ``engine``: "analytic", "trace" (peak allocated of CPU records; see :func:`compare_traced`)
+    ``engine``: "analytic", "trace" (the levels the trace gives; see :func:`compare_traced`)
     or "auto" (analytic for the families it knows, else trace)."""
     case_id = str(record.get("case_id", "?"))
     where = {"source": source, "device": device_of(record)}
@@ -134,7 +135,7 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
             return Comparison(case_id, record.get("outcome", "?"), "?", {}, {}, {},
                               (f"cannot re-estimate: {exc}",), **where)
         if engine == "trace" or cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
-            return compare_traced(record, name, cfg, tolerance, where)
+            return compare_traced(record, name, cfg, tolerance, where, calib, trace_depth)
     try:
         est = estimate_for(record, calib, anchor)
     except (SpecError, KeyError, TypeError, AttributeError) as exc:
@@ -178,35 +179,50 @@ def compare_record(record: Mapping[str, Any], calib: Mapping[str, Any],
 
 
 def compare_traced(record: Mapping[str, Any], name: str, cfg: Mapping[str, Any],
-                   tolerance: float, where: Mapping[str, str]) -> Comparison:
-    """A record against the trace engine: peak allocated only (its level), CPU records only (the
-    trace counts tensors as the CPU harness does; a CUDA record gets a note, not a verdict)."""
+                   tolerance: float, where: Mapping[str, str],
+                   calib: Mapping[str, Any] | None = None, depth: str = "auto") -> Comparison:
+    """A record against the trace engine, counted for the record's device (CUDA or the CPU
+    harness), at the levels the traced answer gives (peak allocated; reserved and device total
+    for a CUDA record traced at full depth)."""
     from vramplan.trace.answer import trace_answer
 
     case_id = str(record.get("case_id", "?"))
     outcome = str(record.get("outcome", "?"))
     train = record_train(record)
-    if record.get("device", "cuda") == "cuda":
-        return Comparison(case_id, outcome, train.method, {}, {}, {}, (), None,
-                          ("trace engine: CUDA records are not compared yet (the trace counts "
-                           "tensors as on CPU)",), family=str(cfg.get("model_type")), **where)
+    device = "cuda" if record.get("device", "cuda") == "cuda" else "cpu"
     try:
-        answer = trace_answer(name, dict(cfg), train)
+        answer = trace_answer(name, dict(cfg), train, device=device, depth=depth,
+                              calib=dict(calib) if calib is not None else None)
     except SpecError as exc:
         return Comparison(case_id, outcome, train.method, {}, {}, {},
                           (f"cannot trace: {exc}",), family=str(cfg.get("model_type")), **where)
-    lvl = "peak_allocated_bytes"
-    measured = (record.get("measured") or {}).get(lvl)
-    predicted = {lvl: answer.peak_allocated_bytes}
-    errors, problems = {}, []
-    if outcome == "ok" and measured:
-        errors[lvl] = (answer.peak_allocated_bytes - measured) / measured
-        if abs(errors[lvl]) > tolerance:
-            problems.append(f"{lvl} off by {errors[lvl]:+.1%} (trace engine)")
-    elif outcome != "ok":
+    predicted = {lvl: getattr(answer, lvl) for lvl in LEVELS
+                 if getattr(answer, lvl) is not None}
+    raw = record.get("measured") or {}
+    measured = {lvl: raw.get(lvl) for lvl in LEVELS}
+    errors, problems, notes = {}, [], []
+    if outcome == "ok":
+        for lvl, value in predicted.items():
+            if measured.get(lvl):
+                errors[lvl] = (value - measured[lvl]) / measured[lvl]
+                if abs(errors[lvl]) > tolerance:
+                    problems.append(f"{lvl} off by {errors[lvl]:+.1%} (trace engine)")
+    elif outcome == "oom":
+        gpu = record_gpu(record)
+        held = answer.device_total_bytes or answer.peak_allocated_bytes
+        if gpu is None:
+            notes.append("ran out of memory on a GPU the record does not name")
+        elif held > gpu.capacity_bytes:
+            notes.append(f"trace: {held / 2**30:.2f} GiB does not fit {gpu.name}, as measured")
+        elif answer.device_total_bytes is not None:
+            problems.append("ran out of memory, but the trace predicts it fits")
+        else:
+            notes.append("ran out of memory; peak allocated alone fits, and the reserved and "
+                         "device levels need --trace-depth full to say more")
+    else:
         problems.append(f"case failed: {str(record.get('error'))[:120]}")
-    return Comparison(case_id, outcome, train.method, {lvl: measured}, predicted, errors,
-                      tuple(problems), record.get("known_gap"), (),
+    return Comparison(case_id, outcome, train.method, measured, predicted, errors,
+                      tuple(problems), record.get("known_gap"), tuple(notes),
                       family=str(cfg.get("model_type")), **where)
 
 

@@ -34,8 +34,35 @@ def test_auto_uses_the_trace_engine_for_a_family_the_analytic_engine_does_not_kn
                    "0")
     assert out["engine"] == "trace" and out["model_type"] == "olmo2"
     assert out["peak_allocated_bytes"] == sum(out["terms"].values())
-    assert out["peak_reserved_bytes"] is None and out["device_total_bytes"] is None
     assert out["params"]["trainable"] > 0 and out["params"]["total"] > out["params"]["trainable"]
+
+
+def test_a_shallow_model_traced_for_cuda_has_all_three_levels(capsys):
+    """Traced whole: reserved from the allocator replay of its events, the device total adds the
+    calibrated memory outside the allocator."""
+    from vramplan.profiles import load_calibration
+
+    out = run_json(capsys, str(OLMO2), "--method", "lora", "--seq-len", "256", "--lora-dropout",
+                   "0")
+    assert out["device"] == "cuda"
+    assert out["peak_reserved_bytes"] >= out["peak_allocated_bytes"]
+    outside = int(load_calibration()["non_allocator"]["bytes"])
+    assert out["device_total_bytes"] == out["peak_reserved_bytes"] + outside
+
+
+def test_a_deep_model_gets_reserved_and_device_only_from_a_full_depth_trace(tmp_path, capsys):
+    """Extrapolated from shallow traces: peak allocated only, and a note naming the flag."""
+    ref = tmp_path / "config.json"
+    ref.write_text(json.dumps({**json.loads(OLMO2.read_text()), "num_hidden_layers": 8}))
+    argv = (str(ref), "--method", "lora", "--seq-len", "128", "--lora-dropout", "0")
+    auto = run_json(capsys, *argv)
+    full = run_json(capsys, *argv, "--trace-depth", "full")
+    # the backward peak's slope settles from 4 layers on (see depth.trace_steady)
+    assert auto["trace"]["traced_layers"] == [5, 6] and full["trace"]["traced_layers"] == [8]
+    assert auto["peak_reserved_bytes"] is None and auto["device_total_bytes"] is None
+    assert any("--trace-depth full" in n for n in auto["notes"])
+    assert full["peak_reserved_bytes"] >= full["peak_allocated_bytes"]
+    assert auto["peak_allocated_bytes"] == full["peak_allocated_bytes"]
 
 
 def test_auto_keeps_the_analytic_engine_where_it_knows_the_family(capsys):
@@ -43,8 +70,8 @@ def test_auto_keeps_the_analytic_engine_where_it_knows_the_family(capsys):
 
 
 def test_the_engines_agree_on_a_family_both_know(capsys):
-    """CPU semantics on both sides: the analytic estimate for device cpu and the trace (bf16, as
-    the cross-check; mixed precision on CPU runs through the harness's autocast shim)."""
+    """CUDA semantics on both sides (bf16, as the cross-check; its CPU-semantics cases are in
+    test_crosscheck.py)."""
     from vramplan.model.estimate import estimate
     from vramplan.profiles import load_calibration, load_model
     from vramplan.specs import TrainSpec
@@ -53,7 +80,7 @@ def test_the_engines_agree_on_a_family_both_know(capsys):
     for method in ("qlora",):  # every family x method x checkpointing: test_crosscheck.py (CI)
         t = TrainSpec(method=method, seq_len=512, lora_dropout=0.0, optimizer="adamw",
                       precision="bf16")
-        analytic = estimate(load_model(ref), t, load_calibration(), "cpu").peak_allocated_bytes
+        analytic = estimate(load_model(ref), t, load_calibration(), "cuda").peak_allocated_bytes
         argv = [ref, "--engine", "trace", "--method", method, "--seq-len", "512",
                 "--lora-dropout", "0", "--optimizer", "adamw", "--precision", "bf16"]
         traced = run_json(capsys, *argv)["peak_allocated_bytes"]

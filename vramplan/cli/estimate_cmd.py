@@ -49,6 +49,11 @@ def add_engine_option(p: argparse.ArgumentParser) -> None:
                         "tensors (any architecture transformers ships; needs vramplan[trace]; "
                         "seconds, then cached); auto: analytic where it knows the family, else "
                         "trace")
+    p.add_argument("--trace-depth", choices=("auto", "full"), default="auto",
+                   help="trace engine: auto traces a deep model at two shallow depths and "
+                        "extrapolates peak allocated (seconds); full traces every layer, which "
+                        "also gives the reserved and device levels (about 0.5 s per layer of a "
+                        "70B model)")
 
 
 def pick_engine(engine: str, model_type: str) -> str:
@@ -65,15 +70,19 @@ def run_trace_estimate(args: argparse.Namespace, name: str, cfg: dict) -> int:
     """`estimate --engine trace`: the traced answer, as text or the JSON contract."""
     from vramplan.cli.common import trace_engine
 
+    from vramplan.profiles import load_calibration
+
     train = train_from_args(args)
-    answer = trace_engine().trace_answer(name, cfg, train)
+    answer = trace_engine().trace_answer(name, cfg, train, depth=args.trace_depth,
+                                         calib=load_calibration(args.calibration))
     if args.json:
         print(json.dumps(answer.as_json(), indent=2))
     else:
         from vramplan.report.breakdown import render_trace_text
 
         print(render_trace_text(answer))
-    if args.max_gib is not None and answer.peak_allocated_bytes > args.max_gib * 2**30:
+    held = answer.device_total_bytes or answer.peak_allocated_bytes
+    if args.max_gib is not None and held > args.max_gib * 2**30:
         return 1
     return 0
 

@@ -58,8 +58,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true")
     c.add_argument("--engine", choices=("analytic", "trace", "auto"), default="auto",
                    help="which engine re-estimates the records: analytic (every level), trace "
-                        "(peak allocated of CPU records; any architecture transformers ships), "
-                        "auto (analytic where it knows the family, else trace)")
+                        "(any architecture transformers ships; counted for each record's "
+                        "device), auto (analytic where it knows the family, else trace)")
+    c.add_argument("--trace-depth", choices=("auto", "full"), default="auto",
+                   help="trace engine: auto extrapolates deep models from two shallow traces "
+                        "(peak allocated); full traces every layer and also checks reserved "
+                        "and the device total of CUDA records (slower: minutes for a 70B file)")
     c.add_argument("--by", default="",
                    help="also print error statistics per group, computed with pandas: a comma "
                         "list of device, family, method, source, outcome (needs vramplan[report])")
@@ -189,7 +193,8 @@ def run_check(args: argparse.Namespace) -> int:
 
         if args.engine == "trace":
             trace_engine()  # a missing extra is reported before any work
-    rows = compare_files(_existing(args.results), calib, args.tolerance, args.engine)
+    rows = compare_files(_existing(args.results), calib, args.tolerance, args.engine,
+                         args.trace_depth)
     if args.json:
         print(json.dumps([{"case_id": c.case_id, "outcome": c.outcome, "method": c.method,
                            "measured": c.measured, "predicted": c.predicted, "errors": c.errors,
@@ -237,12 +242,16 @@ def _summary(rows) -> None:
         errs = [abs(c.errors[lv]) for c in rows if lv in c.errors]
         unmeasured = sum(1 for c in rows if c.outcome == "ok" and c.device != "cpu"
                          and c.measured.get(lv) is None)
+        unpredicted = sum(1 for c in rows if c.outcome == "ok" and c.device != "cpu"
+                          and c.measured.get(lv) is not None and c.predicted.get(lv) is None)
         tail = f"; not measured in {unmeasured}" if unmeasured else ""
+        tail += (f"; not predicted in {unpredicted} (the trace engine gives this level at "
+                 f"--trace-depth full)" if unpredicted else "")
         if errs:
             print(f"{lv}: median |error| {median(errs):.1%}, max {max(errs):.1%} over "
                   f"{len(errs)}{tail}")
-        elif unmeasured:
-            print(f"{lv}: not measured in {unmeasured} record(s)")
+        elif unmeasured or unpredicted:
+            print(f"{lv}: {tail.removeprefix('; ')}")
     times = [abs(c.time_error) for c in rows if c.time_error is not None]
     if times:
         print(f"step time: median |error| {median(times):.1%}, max {max(times):.1%} over "

@@ -120,16 +120,21 @@ def render_top_terms(e: Estimate, top: int = TOP) -> str:
 
 
 def render_trace_text(a) -> str:
-    """A traced answer (:class:`vramplan.trace.answer.TraceAnswer`): its groups at the peak and
-    the notes."""
+    """A traced answer (:class:`vramplan.trace.answer.TraceAnswer`): its groups at the peak, the
+    levels it has and the notes."""
     lines = [f"{a.model} ({a.model_type}) {a.setup['method']}, seq {a.setup['seq_len']}, batch "
-             f"{a.setup['batch']}: engine trace"
+             f"{a.setup['batch']}: engine trace, counted as on {a.device}"
              + (" (cached)" if a.cached else f" ({a.wall_s:.1f} s)"), "",
              f"{'group at the peak (' + a.peak_phase + ')':<44} {'GiB':>9}"]
     for key, nbytes in sorted(a.groups.items(), key=lambda kv: -kv[1]):
         if nbytes:
             lines.append(f"  {key:<42} {nbytes / GIB:>9.3f}")
-    lines += [f"  {'peak allocated':<42} {a.peak_allocated_bytes / GIB:>9.3f}", "",
-              f"params: {a.params_total:,} total, {a.params_trainable:,} trainable"]
+    lines.append(f"  {'peak allocated':<42} {a.peak_allocated_bytes / GIB:>9.3f}")
+    if a.peak_reserved_bytes is not None:
+        lines.append(f"  {'peak reserved (allocator replay)':<42} "
+                     f"{a.peak_reserved_bytes / GIB:>9.3f}")
+    if a.device_total_bytes is not None:
+        lines.append(f"  {'device total (nvidia-smi)':<42} {a.device_total_bytes / GIB:>9.3f}")
+    lines += ["", f"params: {a.params_total:,} total, {a.params_trainable:,} trainable"]
     lines += [f"note: {n}" for n in a.notes]
     return "\n".join(lines)

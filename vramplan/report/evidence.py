@@ -117,14 +117,15 @@ def summary_text(s: "pd.DataFrame") -> str:
 
 
 def compare_files(paths: Sequence[Path], calib: Mapping[str, Any],
-                  tolerance: float = DEFAULT_TOLERANCE, engine: str = "analytic"
-                  ) -> list[Comparison]:
+                  tolerance: float = DEFAULT_TOLERANCE, engine: str = "analytic",
+                  trace_depth: str = "auto") -> list[Comparison]:
     """Every record of every results file against a fresh estimate (source = the file's stem;
     relative model paths resolve against the file's folder)."""
     from vramplan.measure.records import read_records
 
     return [compare_record(r, calib, tolerance, source=Path(path).stem,
-                           anchor=Path(path).resolve().parent, engine=engine)
+                           anchor=Path(path).resolve().parent, engine=engine,
+                           trace_depth=trace_depth)
             for path in paths for r in read_records(path)]
 
 

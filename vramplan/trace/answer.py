@@ -14,10 +14,18 @@ Cache: ``$VRAMPLAN_CACHE`` (default ``$XDG_CACHE_HOME/vramplan`` or ``~/.cache/v
 version and the installed torch, transformers, peft and bitsandbytes. A cache that cannot be
 written is skipped (the answer is still given).
 
-Semantics: the harness's CPU definition of peak allocated (see :mod:`vramplan.trace.engine`).
-On CUDA two things differ and are named in the notes: dropout masks are bool there (the CPU
-kernel keeps them in the input dtype) and bitsandbytes paged optimizer states live in managed
-memory (counted apart by the analytic engine).
+Devices: ``device="cuda"`` (the default of ``estimate``, and for CUDA records) counts as
+``torch.cuda.max_memory_allocated`` does (:mod:`vramplan.trace.cuda`: block rounding, bool
+dropout masks, paged optimizer states in managed memory, cuBLAS workspaces); ``device="cpu"``
+as the harness's CPU probe (see :mod:`vramplan.trace.engine`).
+
+Levels: peak allocated always. On CUDA, a model traced at its full depth (shallow models, or
+``depth="full"``) also gets the reserved level, from the trace's own build and step events
+replayed through the caching allocator (:mod:`vramplan.trace.reserve`), and the device total
+(reserved + the calibrated memory outside the allocator, ``overhead.non_allocator``). Reserved is
+not extrapolated in depth: which cached blocks a request finds changes with the number of layers
+(Qwen2-0.5B full fine-tuning: +0.1 GiB per layer up to 16 layers, then +3.4 GiB from 16 to its
+24), so a shallow trace says nothing of it.
 """
 
 from __future__ import annotations
@@ -36,7 +44,11 @@ from typing import Any
 from vramplan.specs import SpecError, TrainSpec
 
 #: Bump when the trace's recorded quantities change meaning (invalidates cached answers).
-TRACE_VERSION = 2
+TRACE_VERSION = 3
+#: Devices whose count a trace can follow.
+DEVICES = ("cuda", "cpu")
+#: Depth choices: "auto" extrapolates deep models from shallow traces, "full" traces every layer.
+DEPTHS = ("auto", "full")
 #: Models up to this many decoder layers are traced at full depth.
 FULL_DEPTH_LAYERS = 4
 #: The depths a deeper model is traced at before extrapolating.
@@ -61,6 +73,9 @@ class TraceAnswer:
     wall_s: float
     cached: bool = False
     notes: tuple[str, ...] = field(default=())
+    device: str = "cuda"
+    peak_reserved_bytes: int | None = None  # CUDA, full-depth traces only (module docstring)
+    device_total_bytes: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The JSON contract's shape: the analytic keys where the trace has them, null where not."""
@@ -68,8 +83,10 @@ class TraceAnswer:
                 "setup": self.setup,
                 "params": {"total": self.params_total, "trainable": self.params_trainable},
                 "terms": {f"trace.{k}": v for k, v in self.groups.items()},
-                "peak_allocated_bytes": self.peak_allocated_bytes, "peak_reserved_bytes": None,
-                "device_total_bytes": None, "peak_phase": self.peak_phase,
+                "device": self.device,
+                "peak_allocated_bytes": self.peak_allocated_bytes,
+                "peak_reserved_bytes": self.peak_reserved_bytes,
+                "device_total_bytes": self.device_total_bytes, "peak_phase": self.peak_phase,
                 "phase_bytes": self.phase_peaks, "notes": list(self.notes),
                 "trace": {"layers": self.num_layers, "traced_layers": list(self.traced_layers),
                           "wall_s": round(self.wall_s, 3), "cached": self.cached}}
@@ -83,8 +100,10 @@ def cache_dir() -> Path:
     return Path(root) / "trace"
 
 
-def cache_key(cfg: dict[str, Any], train: TrainSpec) -> str:
-    """sha256 of the config, the setup, the engine version and the library versions."""
+def cache_key(cfg: dict[str, Any], train: TrainSpec, device: str = "cuda", depth: str = "auto",
+              workspace_bytes: int = 0) -> str:
+    """sha256 of the config, the setup, the device, the depth choice, the cuBLAS workspace, the
+    engine version and the library versions."""
     from importlib import metadata
 
     versions = {}
@@ -94,23 +113,30 @@ def cache_key(cfg: dict[str, Any], train: TrainSpec) -> str:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     blob = json.dumps({"config": cfg, "setup": train.as_dict(), "engine": TRACE_VERSION,
+                       "device": device, "depth": depth, "workspace": workspace_bytes,
                        "versions": versions}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _notes(train: TrainSpec, answer_layers: int, traced: tuple[int, ...]) -> tuple[str, ...]:
-    notes = ["trace engine: the model's own transformers/peft/bitsandbytes code run on fake "
-             "tensors; peak allocated as the CPU harness counts it (reserved and device levels "
-             "are not modelled by the trace engine yet)"]
+def _notes(train: TrainSpec, answer_layers: int, traced: tuple[int, ...],
+           device: str) -> tuple[str, ...]:
+    count = ("as torch.cuda.max_memory_allocated counts it (512 B blocks, bool dropout masks, "
+             "cuBLAS workspaces)" if device == "cuda" else "as the CPU harness counts it")
+    notes = [f"trace engine: the model's own transformers/peft/bitsandbytes code run on fake "
+             f"tensors; peak allocated {count}"]
     if traced != (answer_layers,):
         notes.append(f"traced at {' and '.join(map(str, traced))} decoder layers and "
                      f"extrapolated to {answer_layers}, phase by phase")
-    if train.lora_dropout > 0 and train.method != "full":
-        notes.append("LoRA dropout masks are counted in the input dtype as on CPU; CUDA keeps "
-                     "them as bool (1 byte per element)")
+        if device == "cuda":
+            notes.append("reserved and device levels need every layer traced (the allocator's "
+                         "cache does not grow linearly with depth): --trace-depth full")
+    elif device == "cuda":
+        notes.append("reserved: the trace's build and step events replayed through the caching "
+                     "allocator; device total adds the calibrated memory outside it")
     if train.resolved_optimizer.startswith("paged"):
-        notes.append("paged optimizer states are counted as ordinary tensors as on CPU; on CUDA "
-                     "they live in managed memory, outside the device total")
+        notes.append("paged optimizer states are in CUDA managed memory, outside these levels"
+                     if device == "cuda" else "paged optimizer states are counted as ordinary "
+                     "tensors, as on CPU; on CUDA they live in managed memory")
     return tuple(notes)
 
 
@@ -174,17 +200,18 @@ def depth_plan(cfg: dict[str, Any]) -> tuple[int, int] | None:
     return layer_plan(cfg) if layers > FULL_DEPTH_LAYERS else None
 
 
-def _trace(cfg: dict[str, Any], train: TrainSpec,
-           plan: tuple[int, int] | None) -> dict[str, Any]:
+def _trace(cfg: dict[str, Any], train: TrainSpec, plan: tuple[int, int] | None,
+           device: str = "cpu", workspace_bytes: int = 0) -> dict[str, Any]:
     """Run the trace (``plan``: two depths to extrapolate from, None for full depth) and
     summarise it as plain data."""
-    from vramplan.trace.depth import linear_at, trace_depth
+    from vramplan.trace.depth import linear_at, trace_steady
     from vramplan.trace.engine import trace_step
 
     layers = int(cfg.get("num_hidden_layers") or 0)
+    how = {"count_as": device, "workspace_bytes": workspace_bytes if device == "cuda" else 0}
     if plan is not None:
-        d = trace_depth(cfg, train, layers=plan, target=layers)
-        (a, ta), (b, tb) = zip(plan, d.traces)
+        d = trace_steady(cfg, train, layers=plan, target=layers, **how)
+        (a, ta), (b, tb) = zip(d.layers, d.traces)
 
         def at_depth(fa: int, fb: int) -> int:
             return linear_at(a, fa, b, fb, layers)
@@ -199,18 +226,30 @@ def _trace(cfg: dict[str, Any], train: TrainSpec,
                 "phases": phases, "groups": groups,
                 "params_total": at_depth(ta.params_total, tb.params_total),
                 "params_trainable": at_depth(ta.params_trainable, tb.params_trainable),
-                "traced": list(plan), "wall_s": d.wall_s}
-    r = trace_step(cfg, train)
+                "traced": list(d.layers), "wall_s": d.wall_s, "reserved": None}
+    r = trace_step(cfg, train, **how)
     return {"peak": r.peak_allocated_bytes, "phase": r.peak_phase, "phases": dict(r.phase_peaks),
             "groups": dict(r.terms), "params_total": r.params_total,
-            "params_trainable": r.params_trainable, "traced": [r.num_layers], "wall_s": r.wall_s}
+            "params_trainable": r.params_trainable, "traced": [r.num_layers], "wall_s": r.wall_s,
+            "reserved": r.levels.peak_reserved_bytes if r.levels else None}
 
 
-def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec,
+def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec, *, device: str = "cuda",
+                 depth: str = "auto", calib: dict[str, Any] | None = None,
                  use_cache: bool = True) -> TraceAnswer:
-    """The traced answer for one model config and setup (cached; see the module docstring). A
-    cached answer is read without importing torch or transformers."""
-    key = cache_key(cfg, train)
+    """The traced answer for one model config and setup on ``device`` (cached; see the module
+    docstring). ``calib`` (default: the shipped calibration) gives the CUDA runtime constants.
+    A cached answer is read without importing torch or transformers."""
+    if device not in DEVICES:
+        raise SpecError(f"the trace engine counts for {' or '.join(DEVICES)}, not {device!r}")
+    if depth not in DEPTHS:
+        raise SpecError(f"trace depth must be {' or '.join(DEPTHS)}, not {depth!r}")
+    if calib is None:
+        from vramplan.profiles import load_calibration
+
+        calib = load_calibration()
+    workspace = int(calib["cublas_workspace"]["bytes"]) if device == "cuda" else 0
+    key = cache_key(cfg, train, device, depth, workspace)
     path = cache_dir() / f"{key}.json"
     data, cached = None, False
     if use_cache and path.is_file():
@@ -223,14 +262,14 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec,
 
         check_model_type(cfg)
         layers = int(cfg.get("num_hidden_layers") or 0)
-        plan = depth_plan(cfg)
-        depth = f"{' and '.join(map(str, plan))} of {layers} layers" if plan else \
+        plan = depth_plan(cfg) if depth == "auto" else None
+        which = f"{' and '.join(map(str, plan))} of {layers} layers" if plan else \
             f"all {layers} layers"
         print(f"vramplan: tracing {name} ({cfg.get('model_type')}, {train.method}) on fake tensors, "
-              f"{depth}...", file=sys.stderr, flush=True)
+              f"{which}, counting as {device}...", file=sys.stderr, flush=True)
         with quiet_libraries():
             try:
-                data = _trace(cfg, train, plan)
+                data = _trace(cfg, train, plan, device, workspace)
             except (ValueError, NotImplementedError, RuntimeError, TypeError) as exc:
                 if os.environ.get("VRAMPLAN_DEBUG"):
                     raise
@@ -243,11 +282,22 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec,
     trainable = int(data["params_trainable"] or 0)
     # the model's own parameters, as `params.total` counts them: LoRA adapters are not among them
     total = int(data["params_total"] or 0) - (trainable if train.method != "full" else 0)
+    reserved = data.get("reserved")
+    device_total = reserved + non_allocator_bytes(calib) if reserved is not None else None
     return TraceAnswer(name, str(cfg.get("model_type")), train.as_dict(), int(data["peak"]),
                        data["phase"], {k: int(v) for k, v in data["phases"].items()},
                        {k: int(v) for k, v in data["groups"].items()}, total, trainable,
                        layers, tuple(data["traced"]), float(data["wall_s"]), cached,
-                       _notes(train, layers, tuple(data["traced"])))
+                       _notes(train, layers, tuple(data["traced"]), device), device,
+                       reserved, device_total)
+
+
+def non_allocator_bytes(calib: dict[str, Any]) -> int:
+    """CUDA memory outside the caching allocator (the analytic engine's
+    ``overhead.non_allocator``, a calibrated constant per GPU kind)."""
+    from vramplan.model.overhead import non_allocator_term
+
+    return sum(t.nbytes for t in non_allocator_term(calib, "cuda"))
 
 
 @contextlib.contextmanager

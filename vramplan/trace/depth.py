@@ -51,6 +51,41 @@ def trace_depth(cfg: dict[str, Any], train: TrainSpec, *, layers: tuple[int, int
         raise SpecError("no target depth: the config has no num_hidden_layers; pass target=")
     ta = trace_step(cfg, train, layers=a, **kwargs)
     tb = trace_step(cfg, train, layers=b, **kwargs)
+    return extrapolate(ta, tb, full)
+
+
+def trace_steady(cfg: dict[str, Any], train: TrainSpec, *, layers: tuple[int, int],
+                 target: int, **kwargs: Any) -> DepthExtrapolation:
+    """:func:`trace_depth` from depths where every phase peak has reached its final slope.
+
+    A phase's peak is the largest of the live bytes at its moments, each affine in the depth; the
+    moment that holds it can move deeper as layers are added (a tiny OLMo-2 LoRA step's backward
+    peak grows by 5.4 MB per layer from 2 to 3 layers and by 6.6 MB from 4 on), and a line through
+    two depths before that under-counts. So a third depth one period further is traced; while its
+    slope differs from the previous one, the pair moves one period deeper (at most to ``target``,
+    where the trace is the answer)."""
+    a, b = layers
+    period = b - a
+    ta = trace_step(cfg, train, layers=a, **kwargs)
+    tb = trace_step(cfg, train, layers=b, **kwargs)
+    while b + period <= target:
+        tc = trace_step(cfg, train, layers=b + period, **kwargs)
+        if same_slopes(ta, tb, tc):
+            return extrapolate(tb, tc, target)
+        ta, tb, b = tb, tc, b + period
+    return extrapolate(ta, tb, target)
+
+
+def same_slopes(ta: TraceResult, tb: TraceResult, tc: TraceResult) -> bool:
+    """Whether every phase peak grows by the same bytes from ``ta`` to ``tb`` as from ``tb`` to
+    ``tc`` (three depths one period apart)."""
+    return all(tb.phase_peaks[p] - ta.phase_peaks[p] == tc.phase_peaks[p] - tb.phase_peaks[p]
+               for p in tc.phase_peaks if p in ta.phase_peaks and p in tb.phase_peaks)
+
+
+def extrapolate(ta: TraceResult, tb: TraceResult, full: int) -> DepthExtrapolation:
+    """Figures at ``full`` layers on the lines through two traces (see the module docstring)."""
+    a, b = ta.num_layers, tb.num_layers
     phases = {p: linear_at(a, ta.phase_peaks[p], b, tb.phase_peaks[p], full)
               for p in ta.phase_peaks if p in tb.phase_peaks}
     return DepthExtrapolation(

@@ -21,17 +21,21 @@ counting it and can miss a new storage that reuses its address (see ``recorder.R
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from vramplan.specs import SpecError, TrainSpec
+from vramplan.trace.cuda import CudaKernels, cuda_bytes, paged_states_outside, workspace
 from vramplan.trace.fake import SmallReal, fake_mode, foreach_sees_fake, untraced_transformers
 from vramplan.trace.recorder import PHASES, Event, Recorder, live_at, peaks
+from vramplan.trace.reserve import BuildLog, Levels, replay_levels
 
 #: Groups of the step's live bytes at the peak (see :func:`step_groups`).
 STEP_GROUPS = ("recast_weights", "gradients", "optimizer_states", "activations",
-               "backward_transients", "optimizer_transients")
+               "backward_transients", "optimizer_transients", "cublas_workspace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ class TraceResult:
     params_trainable: int
     events: tuple[Event, ...] = field(repr=False)
     wall_s: float = 0.0
+    #: the allocator replay of build and steps (CUDA traces only; :mod:`vramplan.trace.reserve`)
+    levels: Levels | None = None
 
     @property
     def terms(self) -> dict[str, int]:
@@ -118,13 +124,19 @@ def fake_buffers(model: Any) -> None:
 
 
 def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = None,
-               device: str = "cpu", warmup: int = 1) -> TraceResult:
+               device: str = "cpu", warmup: int = 1, count_as: str = "cpu",
+               workspace_bytes: int = 0) -> TraceResult:
     """Trace one training step of ``cfg`` (an HF config.json dict) under ``train``.
 
     ``layers`` overrides ``num_hidden_layers`` (see :func:`vramplan.trace.depth.trace_depth` for
     extrapolation to the full depth). ``device`` is the fake device the tensors claim ("cpu":
     the same kernels' shapes and decompositions as the CPU harness). ``warmup`` steps run before
     the measured one, as in the harness (optimizer states are created in warm-up).
+
+    ``count_as`` is whose count the bytes follow: "cpu" (the harness's CPU probe) or "cuda"
+    (``torch.cuda.max_memory_allocated``: :mod:`vramplan.trace.cuda`'s block rounding, bool
+    dropout masks, paged states in managed memory, and two cuBLAS workspaces of
+    ``workspace_bytes`` together, made at the warm-up's first forward and backward matmuls).
     """
     import torch
 
@@ -132,6 +144,8 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     from vramplan.measure.probes import resident_storages
     from vramplan.measure.steps import cpu_autocast_shim, make_optimizer, needs_shim
 
+    if count_as not in ("cpu", "cuda"):
+        raise SpecError(f"count_as must be 'cpu' or 'cuda', got {count_as!r}")
     check_model_type(cfg)
     cfg = with_layers(cfg, layers)
     t0 = time.perf_counter()
@@ -139,22 +153,36 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     ids = torch.randint(0, hf_config(cfg).get_text_config().vocab_size,
                         (train.batch, train.seq_len), device=device)
     mode = fake_mode()
-    model = build_fake_model(cfg, train, device, mode)
+    cuda = count_as == "cuda"
+    count = cuda_bytes if cuda else None
+    build_rec = Recorder(count=count, fake_only=True) if cuda else None  # the reserved level replays the build
+    with build_rec or contextlib.nullcontext(), \
+            kbit_prep_clears_cache(build_rec) if cuda else contextlib.nullcontext():
+        model = build_fake_model(cfg, train, device, mode)
+    build = None
+    if build_rec is not None:
+        gc.collect()  # the build's garbage is not resident
+        build = BuildLog(tuple(build_rec.events), tuple(build_rec.calls), build_rec.live_keys())
+        build_rec.detach()
     with mode:
         params = [p for p in model.parameters() if p.requires_grad]
         with SmallReal():  # bitsandbytes optimizers build their code tables with .tolist()
             opt = make_optimizer(params, train.resolved_optimizer)
         resident = resident_storages(model)
-        rec = Recorder(resident=resident)
+        rec = Recorder(resident=resident, count=count)
+        resident = {k: count(v) for k, v in resident.items()} if count else resident
         rec.watch_resident([t.untyped_storage() for t in resident_tensors(model)])
-        groups = resident_groups(model)
+        groups = resident_groups(model, count)
         tags: dict[int, str] = {}
         shim = needs_shim(train, device)
+        runtime = Runtime(workspace_bytes // 2 if cuda else 0)
         with cpu_autocast_shim() if shim else contextlib.nullcontext(), \
+                paged_states_outside(rec.outside) if cuda else contextlib.nullcontext(), \
+                CudaKernels() if cuda else contextlib.nullcontext(), \
                 untraced_transformers(), foreach_sees_fake(), SmallReal(), rec:
             for step in range(warmup + 1):
                 rec.start_step(step)
-                run_step(model, opt, ids, train, device, rec, tags)
+                run_step(model, opt, ids, train, device, rec, tags, runtime)
         # a parameter whose data the step replaced (a bias cast by Linear4bit) is a weight
         tag_storages(rec, tags, list(model.parameters()), "recast_weights")
         rec.detach()
@@ -169,9 +197,33 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     at_peak["recast_weights"] += sum(e.nbytes for e in events[:pk.index] if e.op == "resident")
     phase_peaks = {p: r + pk.phase_peaks[p] for p in PHASES if p in pk.phase_peaks}
     peak_phase = max(phase_peaks, key=phase_peaks.__getitem__) if phase_peaks else ""
+    levels = replay_levels(build, events, rec.marks, rec.calls, rec.resident_keys, warmup,
+                           train.expandable_segments) if build is not None else None
     return TraceResult(r + pk.peak_bytes, r, peak_phase, phase_peaks, groups, at_peak, kinds,
                        hf_config(cfg).get_text_config().num_hidden_layers, n_total, n_train,
-                       tuple(events), round(time.perf_counter() - t0, 3))
+                       tuple(events), round(time.perf_counter() - t0, 3), levels)
+
+
+@contextlib.contextmanager
+def kbit_prep_clears_cache(rec: Recorder) -> Iterator[None]:
+    """Log the ``torch.cuda.empty_cache()`` that peft's ``prepare_model_for_kbit_training``
+    makes after its fp32 casts (``auto_clear_cache=True``, on CUDA only) as a call of ``rec``."""
+    import peft
+
+    original = peft.prepare_model_for_kbit_training
+
+    def prepare(model: Any, *args: Any, **kwargs: Any) -> Any:
+        """peft's k-bit preparation, then the cache clear it makes on CUDA."""
+        out = original(model, *args, **kwargs)
+        if kwargs.get("auto_clear_cache", True):
+            rec.call("empty_cache")
+        return out
+
+    peft.prepare_model_for_kbit_training = prepare
+    try:
+        yield
+    finally:
+        peft.prepare_model_for_kbit_training = original
 
 
 def logical_numel(p: Any) -> int:
@@ -187,17 +239,34 @@ def logical_numel(p: Any) -> int:
     return p.numel()
 
 
+@dataclass(slots=True)
+class Runtime:
+    """Allocations of the CUDA runtime a step makes once: the cuBLAS workspace of each of the
+    two streams that run matmuls (``workspace_bytes`` each; 0: none, as on CPU)."""
+
+    workspace_bytes: int
+    held: dict[str, Any] = field(default_factory=dict)
+
+    def first_matmul(self, phase: str) -> None:
+        """Make the workspace of ``phase``'s stream if this is its first matmul."""
+        if self.workspace_bytes and phase not in self.held:
+            self.held[phase] = workspace(self.workspace_bytes)
+
+
 def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec: Recorder,
-             tags: dict[int, str]) -> None:
+             tags: dict[int, str], runtime: Runtime | None = None) -> None:
     """One optimizer step as :func:`vramplan.measure.steps.one_step` runs it (minus reading the
     loss value, which fake tensors do not have); tags gradient and optimizer-state storages."""
     import torch
 
     from vramplan.measure.steps import forward_context
 
+    runtime = runtime or Runtime(0)
     held: dict[str, Any] = {}
     for _ in range(train.grad_accum):
         rec.start_phase("forward")
+        runtime.first_matmul("forward")
+        tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
         with forward_context(train, device):
             out = model(input_ids=ids, labels=ids)
             if train.loop == "custom":
@@ -205,6 +274,8 @@ def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec:
             loss = out.loss
             del out
         rec.start_phase("backward")
+        runtime.first_matmul("backward")
+        tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
         (loss / train.grad_accum).backward()
         del loss
     tag_storages(rec, tags, [p.grad for p in model.parameters() if p.grad is not None],
@@ -241,7 +312,7 @@ def step_groups(live: dict[int, Event], tags: dict[int, str]) -> tuple[dict[str,
         group = tags.get(sid) or {"forward": "activations", "backward": "backward_transients",
                                   "optimizer": "optimizer_transients"}.get(e.phase, "activations")
         groups[group] += e.nbytes
-        if group not in ("recast_weights", "gradients", "optimizer_states"):
+        if group not in ("recast_weights", "gradients", "optimizer_states", "cublas_workspace"):
             key = f"{e.phase}:{e.op}"
             kinds[key] = kinds.get(key, 0) + e.nbytes
     return groups, dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
@@ -259,11 +330,13 @@ def resident_tensors(model: Any) -> list[Any]:
     return harness_resident(model)
 
 
-def resident_groups(model: Any) -> dict[str, int]:
+def resident_groups(model: Any, count: Any = None) -> dict[str, int]:
     """Resident bytes split into weights, quant_constants, adapters and buffers (unique storages,
-    the same set :func:`vramplan.measure.probes.resident_storages` counts)."""
+    the same set :func:`vramplan.measure.probes.resident_storages` counts; ``count`` as the
+    recorder's)."""
     from vramplan.measure.probes import quant_state_tensors
 
+    count = count or (lambda n: n)
     seen: set[int] = set()
     out = {"weights": 0, "quant_constants": 0, "adapters": 0, "buffers": 0}
 
@@ -271,7 +344,7 @@ def resident_groups(model: Any) -> dict[str, int]:
         s = t.untyped_storage()
         if s._cdata not in seen:
             seen.add(s._cdata)
-            out[group] += s.nbytes()
+            out[group] += count(s.nbytes())
 
     for name, p in model.named_parameters(remove_duplicate=False):
         add("adapters" if ".lora_" in name else "weights", p)

@@ -14,11 +14,14 @@ they cannot disagree with it.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -52,10 +55,20 @@ class Recorder(TorchDispatchMode):
     storage. (The harness's CPU tracker ignores resident keys forever: a step that replaces a
     parameter's data, as bitsandbytes' ``Linear4bit`` does with a bias of another dtype, frees a
     resident storage it keeps counting, and a new storage born at the same address is missed.)
+
+    ``count`` turns a storage's size into the bytes it holds (identity by default; the CUDA
+    allocator's block rounding for a CUDA trace, :func:`vramplan.trace.cuda.cuda_bytes`).
+    Storages born under :meth:`outside` (managed memory) are never logged, nor, with
+    ``fake_only``, real tensors (a model build's host-side buffers).
     """
 
-    def __init__(self, resident: dict[int, int] | None = None) -> None:
+    def __init__(self, resident: dict[int, int] | None = None,
+                 count: Callable[[int], int] | None = None, fake_only: bool = False) -> None:
         super().__init__()
+        self._fake_only = fake_only  # real tensors are the host's (a skeleton's buffers)
+        self._count = count or (lambda n: n)
+        self._outside_depth = 0
+        self._outside: set[int] = set()  # keys of live storages born outside the allocator
         self.events: list[Event] = []
         self.phase = "setup"
         self.step = 0
@@ -64,7 +77,12 @@ class Recorder(TorchDispatchMode):
         self._finalizers: list[weakref.finalize] = []
         #: (position in ``events``, phase, step) where each phase started
         self.marks: list[tuple[int, str, int]] = []
-        self._resident = dict(resident or {})
+        self._resident = {k: self._count(v) for k, v in (resident or {}).items()}
+        #: resident storages watched for death: sid -> storage key
+        self.resident_keys: dict[int, int] = {}
+        #: (position in ``events``, call) of runtime calls that change the allocator's cache
+        #: but no tensor (``"empty_cache"``)
+        self.calls: list[tuple[int, str]] = []
 
     def watch_resident(self, storages: list[Any]) -> None:
         """Log the death of these resident storages (``untyped_storage()`` objects)."""
@@ -74,6 +92,7 @@ class Recorder(TorchDispatchMode):
                 sid = self._next_sid
                 self._next_sid += 1
                 self._live[key] = sid
+                self.resident_keys[sid] = key
                 self._finalizers.append(weakref.finalize(
                     storage, self._free, key, sid, "resident", self._resident[key], "", ()))
 
@@ -88,19 +107,45 @@ class Recorder(TorchDispatchMode):
 
     def track(self, tensor: torch.Tensor, op: str) -> None:
         """Log a tensor's storage as born if it is new (also for tensors made outside dispatch)."""
+        if tensor.device.type == "meta":  # a skeleton's placeholder, never memory
+            return
+        if self._fake_only and not isinstance(tensor, FakeTensor):
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self._live:
+        if key in self._live or key in self._outside:
+            return
+        if self._outside_depth:
+            self._outside.add(key)
+            self._finalizers.append(weakref.finalize(storage, self._outside.discard, key))
             return
         sid = self._next_sid
         self._next_sid += 1
-        nbytes = storage.nbytes()
+        nbytes = self._count(storage.nbytes())
         dtype = str(tensor.dtype).removeprefix("torch.")
         shape = tuple(int(s) for s in tensor.shape)
         self._live[key] = sid
         self.events.append(Event(sid, op, self.phase, self.step, nbytes, dtype, shape))
         self._finalizers.append(weakref.finalize(storage, self._free, key, sid, op, nbytes, dtype,
                                                  shape))
+
+    def call(self, name: str) -> None:
+        """Log a runtime call at this point of the log (see :attr:`calls`)."""
+        self.calls.append((len(self.events), name))
+
+    def live_keys(self) -> dict[int, int]:
+        """Storage key -> sid of every storage live now."""
+        return dict(self._live)
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Storages born in this context are outside the allocator (never logged, nor their
+        views or in-place results)."""
+        self._outside_depth += 1
+        try:
+            yield
+        finally:
+            self._outside_depth -= 1
 
     def sid_of(self, tensor: torch.Tensor) -> int | None:
         """The id of the live storage behind ``tensor`` (None if the recorder does not know it)."""
