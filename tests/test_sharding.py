@@ -8,7 +8,7 @@ import pytest
 
 from vramplan.model.estimate import estimate
 from vramplan.profiles import load_model
-from vramplan.model.sharding import WHOLE_MODEL_COPIES, shard_estimate
+from vramplan.model.sharding import WHOLE_MODEL_COPIES, model_state_bytes, shard_estimate
 from vramplan.specs import TrainSpec
 
 STATE_GROUPS = ("weights", "gradients", "optimizer")
@@ -30,7 +30,7 @@ def test_zero3_divides_16_bytes_per_param_by_n(calib):
     # plus AdamW's 4-byte step tensor per parameter tensor.
     assert _states(est.breakdown) == pytest.approx(16 * est.params_total, rel=1e-6)
     s = shard_estimate(est, t, calib)
-    assert s.model_state_bytes() == pytest.approx(16 * est.params_total / 8, rel=1e-6)
+    assert model_state_bytes(s) == pytest.approx(16 * est.params_total / 8, rel=1e-6)
     assert s.breakdown.term("weights.gathered_units").nbytes > 0
 
 

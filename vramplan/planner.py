@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from vramplan.cost import CostEstimate, cost_per_billion_tokens
 from vramplan.model.estimate import Estimate, estimate
-from vramplan.model.sharding import ShardedEstimate, shard_estimate
+from vramplan.model.sharding import shard_estimate
 from vramplan.specs import GpuSpec, ModelSpec, Search, TrainSpec
 from vramplan.units import GIB
 
@@ -68,18 +68,18 @@ class Verdict:
         return self.word == FITS
 
 
-def verdict(s: ShardedEstimate | Estimate, gpu: GpuSpec, calib: Mapping[str, Any],
+def verdict(s: Estimate, gpu: GpuSpec, calib: Mapping[str, Any],
             margin: Margin = Margin()) -> Verdict:
     """The verdict for one setup (per-GPU estimate, sharded or not) on one GPU (see the module
     docstring)."""
     cap = gpu.capacity_bytes
-    train = getattr(s, "base", s).train
+    train = s.train
     if not runs_precision(gpu, train.precision):
         return Verdict(NEEDS_BF16, 0, f"{gpu.name} has no bf16 tensor cores: use --precision "
                                       "fp16 (or fp32) on it")
     outside = s.device_total_bytes - s.peak_reserved_bytes
     error = float((calib.get("verdict") or {}).get("device_error", 0.0))
-    largest = getattr(s, "base", s).largest_temporary_bytes
+    largest = s.largest_temporary_bytes
     needs = {"the largest single allocation": largest,
              f"the model's {error:.1%} error on measured runs": int(error * s.device_total_bytes),
              "your --margin": margin.of(s.device_total_bytes)}
@@ -136,14 +136,14 @@ class Plan:
 
     model: ModelSpec
     train: TrainSpec
-    sharded: ShardedEstimate
+    sharded: Estimate
     fits: tuple[GpuFit, ...]
     choice: GpuFit | None
     answer: str
 
 
 def per_gpu(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any],
-            allocator: bool = True) -> ShardedEstimate:
+            allocator: bool = True) -> Estimate:
     """Per-GPU estimate of a setup with its own sharding (identity for shard none)."""
     return shard_estimate(estimate(model, train, calib, allocator=allocator), train, calib)
 
@@ -154,7 +154,7 @@ def fits_on(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str
     return verdict(per_gpu(model, train, calib), gpu, calib, margin).fits
 
 
-def _cache_bytes(s: ShardedEstimate) -> int:
+def _cache_bytes(s: Estimate) -> int:
     return sum(t.nbytes for t in s.breakdown.terms if t.key == CACHE_KEY)
 
 
@@ -287,7 +287,7 @@ def plan(model: ModelSpec, train: TrainSpec, gpus: Sequence[GpuSpec],
                 answer_sentence(model, train, sharded, choice, tight, catalog=catalog))
 
 
-def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: ShardedEstimate,
+def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: Estimate,
                     choice: GpuFit | None, tight: Sequence[GpuFit] = (),
                     catalog: bool = True) -> str:
     """One sentence: what the setup needs and the GPU(s) to run it on (and the tight ones);

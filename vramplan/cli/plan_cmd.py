@@ -228,7 +228,6 @@ def run_fit(args: argparse.Namespace) -> int:
     from vramplan.profiles import load_calibration, load_model, load_search
     from vramplan.report.breakdown import estimate_json, render_text, render_top_terms
     from vramplan.report.tables import render_fit_text
-    from vramplan.model.sharding import sharded_view
 
     margin = parse_margin(args.margin)
     model, train = load_model(args.model), train_from_args(args)
@@ -242,7 +241,7 @@ def run_fit(args: argparse.Namespace) -> int:
     calib = load_calibration(args.calibration)
     search = load_search()
     p = plan(model, train, gpus, calib, margin, catalog=args.gpus == "all", search=search)
-    view = sharded_view(p.sharded)
+    view = p.sharded
     datasets = dataset_rows(p, model, train, calib, lengths, args.epochs) if lengths else None
     if args.json:
         print(json.dumps({"answer": p.answer, "setup": train.as_dict(),

@@ -17,7 +17,9 @@ from vramplan.specs import ModelSpec, SpecError, TrainSpec
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
-    """A breakdown plus its three levels and the phase that sets the peak."""
+    """One training step on one of ``num_gpus`` GPUs (unsharded: 1): its breakdown, its three
+    levels, its phase timeline (``phase_bytes``) and the phase that sets the peak. The only result
+    type: :func:`vramplan.model.sharding.shard_estimate` returns one for N GPUs."""
 
     model: ModelSpec
     train: TrainSpec
@@ -32,6 +34,8 @@ class Estimate:
     device_total_bytes: int
     paged_bytes: int = 0  # bnb paged optimizer states: on the GPU while it has room, else host RAM
     replay: Replay | None = None  # the caching-allocator replay behind the reserved level
+    shard: str = "none"  # the sharding scheme the terms are divided by (model/sharding.py)
+    num_gpus: int = 1
 
     @property
     def largest_temporary_bytes(self) -> int:

@@ -25,7 +25,7 @@ Not modelled: NCCL buffers, DeepSpeed's bucketed communication buffers, CPU offl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Mapping
 
 from vramplan.model.dtypes import dtypes_for
@@ -64,28 +64,13 @@ GATHER_PHASES = tuple(p for p in PHASES if p != "optimizer_step")
 UNIT_GRAD_PHASES = ("down_backward", "layer_backward", "last_layer_backward")
 
 
-@dataclass(frozen=True, slots=True)
-class ShardedEstimate:
-    """Per-GPU terms and the three levels of one setup under a sharding scheme."""
-
-    base: Estimate
-    shard: str
-    num_gpus: int
-    breakdown: Breakdown
-    phase_bytes: Mapping[str, int]
-    peak_phase: str
-    peak_allocated_bytes: int
-    peak_reserved_bytes: int
-    device_total_bytes: int
-    paged_bytes: int = 0
-
-    def model_state_bytes(self) -> int:
-        """Per-GPU weights + gradients + optimizer states (ZeRO's model states), without the
-        gathered working set or the optimizer step's temporaries."""
-        return sum(t.nbytes for t in self.breakdown.terms
-                   if t.key.split(".")[0] in ("weights", "gradients", "optimizer")
-                   and t.key not in STEP_TRANSIENTS
-                   and not t.key.endswith("gathered_units") and not t.key.endswith("unit_grads"))
+def model_state_bytes(est: Estimate) -> int:
+    """Per-GPU weights + gradients + optimizer states (ZeRO's model states), without the
+    gathered working set or the optimizer step's temporaries."""
+    return sum(t.nbytes for t in est.breakdown.terms
+               if t.key.split(".")[0] in ("weights", "gradients", "optimizer")
+               and t.key not in STEP_TRANSIENTS
+               and not t.key.endswith("gathered_units") and not t.key.endswith("unit_grads"))
 
 
 def shard_term(t: Term, n: int) -> Term:
@@ -148,7 +133,7 @@ def gathered_terms(m: ModelSpec, train: TrainSpec, device: str) -> tuple[Term, .
     )
 
 
-def shard_estimate(est: Estimate, train: TrainSpec, calib: Mapping[str, Any]) -> ShardedEstimate:
+def shard_estimate(est: Estimate, train: TrainSpec, calib: Mapping[str, Any]) -> Estimate:
     """Per-GPU memory of `est` under ``train.shard`` over ``train.num_gpus`` ranks.
 
     Terms of the sharded groups are divided by N; the peak is recomputed with the same phase
@@ -179,15 +164,8 @@ def shard_estimate(est: Estimate, train: TrainSpec, calib: Mapping[str, Any]) ->
                                     "NCCL and communication buckets not modelled",)
                                    if scheme != "none" else ())
     full = Breakdown(terms, inputs=est.breakdown.inputs, notes=notes)
-    return ShardedEstimate(est, scheme, n, full, lv.phase_bytes, lv.peak_phase,
-                           lv.peak_allocated_bytes, lv.peak_reserved_bytes, lv.device_total_bytes,
-                           lv.paged_bytes)
-
-
-def sharded_view(s: ShardedEstimate) -> Estimate:
-    """The sharded result as an :class:`Estimate` (per GPU), for the breakdown renderers."""
-    return replace(s.base, breakdown=s.breakdown, phase_bytes=s.phase_bytes,
-                   peak_phase=s.peak_phase, peak_allocated_bytes=s.peak_allocated_bytes,
-                   peak_reserved_bytes=s.peak_reserved_bytes, device_total_bytes=s.device_total_bytes,
-                   paged_bytes=s.paged_bytes)
-
+    return replace(est, breakdown=full, phase_bytes=lv.phase_bytes, peak_phase=lv.peak_phase,
+                   peak_allocated_bytes=lv.peak_allocated_bytes,
+                   peak_reserved_bytes=lv.peak_reserved_bytes,
+                   device_total_bytes=lv.device_total_bytes, paged_bytes=lv.paged_bytes,
+                   shard=scheme, num_gpus=n)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 from vramplan.planner import per_gpu
 from vramplan.profiles import load_model, load_search
 from vramplan.report.tables import markdown, memory_table, render_table
-from vramplan.model.sharding import ShardedEstimate
+from vramplan.model.estimate import Estimate
 from vramplan.specs import GpuSpec, TrainSpec
 from vramplan.units import GB, GIB
 
@@ -58,11 +58,11 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes / GB:.1f}"
 
 
-def peak_terms(s: ShardedEstimate) -> dict[str, int]:
+def peak_terms(s: Estimate) -> dict[str, int]:
     """Bytes of each term counted in the device total (live at the peak, or reserved/device level;
     paged states are outside it), with the BUNDLES summed and labelled."""
     out: dict[str, int] = {}
-    for t in s.breakdown.counted(s.peak_phase):
+    for t in s.at_peak():
         name = next((b for b, keys in BUNDLES.items() if t.key in keys), LABELS.get(t.key, t.key))
         if t.key.startswith("gradients."):
             name = "gradients"
@@ -70,12 +70,12 @@ def peak_terms(s: ShardedEstimate) -> dict[str, int]:
     return out
 
 
-def why_note(s: ShardedEstimate, seed_bytes: int) -> str:
+def why_note(s: Estimate, seed_bytes: int) -> str:
     """A short generated explanation: weights vs the seed's figure, then the largest other terms."""
     b = s.breakdown
     terms = peak_terms(s)
     notes = []
-    if s.base.train.method == "qlora":
+    if s.train.method == "qlora":
         w4 = b.group_bytes("weights.base") + b.group_bytes("weights.quant_constants")
         terms.pop("weights.base", None)
         terms.pop(LABELS["weights.quant_constants"], None)
@@ -140,7 +140,7 @@ def _measured_cell(records: Sequence[Mapping[str, Any]], model: str, train: Trai
     return f"{value:.1f} on {gpu}{note}"
 
 
-def _claim_row(label: str, seed_gb: int, s: ShardedEstimate, measured: str) -> list[str]:
+def _claim_row(label: str, seed_gb: int, s: Estimate, measured: str) -> list[str]:
     total = s.device_total_bytes
     return [label, f"~{seed_gb}", _gb(total), measured, f"{total / (seed_gb * GB):.2f}",
             why_note(s, seed_gb * GB)]

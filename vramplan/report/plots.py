@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vramplan.model.terms import GROUPS
-from vramplan.model.sharding import ShardedEstimate
+from vramplan.model.estimate import Estimate
 from vramplan.units import GIB
 
 #: Reproducible PNGs: no software/version stamp in the file's metadata.
@@ -30,11 +30,11 @@ def _figure() -> Figure:
 LOG_RATIO = 8
 
 
-def peak_group_bytes(s: ShardedEstimate) -> dict[str, int]:
+def peak_group_bytes(s: Estimate) -> dict[str, int]:
     """Bytes per term group in the device total: live at the peak phase, or at the reserved or
     device level (paged optimizer states are outside the device total, so not here)."""
     out = dict.fromkeys(GROUPS, 0)
-    for t in s.breakdown.counted(s.peak_phase):
+    for t in s.at_peak():
         out[t.key.split(".")[0]] += t.nbytes
     return out
 
@@ -46,7 +46,7 @@ def setup_line(train) -> str:
             f"{'on' if t.grad_ckpt else 'off'}, LoRA r={t.lora_r}, grad accum {t.grad_accum}")
 
 
-def plot_breakdown(model: str, by_method: Mapping[str, ShardedEstimate],
+def plot_breakdown(model: str, by_method: Mapping[str, Estimate],
                    gpu_lines: Sequence[tuple[str, int]] = ()) -> Figure:
     """Stacked bar per method of weights/gradients/optimizer/activations/overhead at the peak phase
     (device total level), with optional horizontal GPU-capacity lines (label, bytes)."""
@@ -75,7 +75,7 @@ def plot_breakdown(model: str, by_method: Mapping[str, ShardedEstimate],
         ax.set_ylim(0, top * 1.15)  # room for the value labels
     ax.set_ylabel("device total at peak phase [GiB]" + (" (log scale)" if log else ""))
     ax.set_title(f"{model}: memory by term group (estimate)\n"
-                 + setup_line(next(iter(by_method.values())).base.train), fontsize=9)
+                 + setup_line(next(iter(by_method.values())).train), fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig

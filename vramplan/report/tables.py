@@ -100,7 +100,7 @@ def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: Tra
             s = per_gpu(m, t, calib)
             gpu = smallest_gpu(s.device_total_bytes, gpus, train)
             cost = cost_per_billion_tokens(m, t, gpu, t.num_gpus, calib) if gpu else None
-            cells.append(Cell(m.name, s.base.params_total, method, s.device_total_bytes, gpu,
+            cells.append(Cell(m.name, s.params_total, method, s.device_total_bytes, gpu,
                               cost, tokens))
     settings = {**train.as_dict(), "optimizer": {k: replace(train, method=k).resolved_optimizer
                                                  for k in methods},
