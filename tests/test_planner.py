@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from vramplan.planner import (FITS, NO, TIGHT, Margin, fit_gpu, fits_on, largest_fitting,
-                              max_batch, max_seq_len, min_gpus, plan, search_fits, verdict)
+                              max_batch, max_seq_len, min_gpus, plan, search_fits, traced_plan,
+                              verdict)
 from vramplan.profiles import load_gpu, load_gpus, load_model
 from vramplan.specs import TrainSpec
 
@@ -208,3 +209,30 @@ def test_suggest_cli(capsys):
     out = capsys.readouterr().out
     assert out.startswith("On NVIDIA GeForce RTX 4090") and "qlora" in out
     assert main(["suggest", "llama-3.1-8b", "--gpus", "rtx-4090,h200"]) == 2
+
+
+def traced_levels(gib: float) -> dict:
+    return {"allocated": int(gib * 2**30), "outside": 2**29, "largest": 2**28}
+
+
+def test_a_traced_step_without_its_reserved_level_is_never_said_to_fit(calib):
+    """A depth-extrapolated trace has no allocator cache: "does not fit" or "tight" only, and the
+    answer names the flag that gives the device total."""
+    gpus = [load_gpu("rtx-4090"), load_gpu("h100-80gb")]
+    fits, answer = traced_plan("m", TrainSpec(), gpus, calib, device_total=None,
+                               **traced_levels(30))
+    assert [f.verdict.word for f in fits] == [NO, TIGHT]
+    assert "--trace-depth full" in answer and "H100" in answer
+
+
+def test_a_traced_device_total_gets_the_analytic_verdict_rules(calib):
+    """The same rules as the analytic planner: fits with headroom, tight near the capacity."""
+    gpu = load_gpu("h100-80gb")
+    levels = traced_levels(60)
+    fits, answer = traced_plan("m", TrainSpec(), [gpu], calib,
+                               device_total=levels["allocated"] + 2**30, **levels)
+    assert fits[0].verdict.word == FITS and fits[0].min_gpus == 1 and "H100" in answer
+    snug = gpu.capacity_bytes - 2**20
+    fits, _ = traced_plan("m", TrainSpec(), [gpu], calib, device_total=snug,
+                          **{**levels, "allocated": snug - 2**30})
+    assert fits[0].verdict.word == TIGHT

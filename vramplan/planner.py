@@ -72,21 +72,33 @@ def verdict(s: Estimate, gpu: GpuSpec, calib: Mapping[str, Any],
             margin: Margin = Margin()) -> Verdict:
     """The verdict for one setup (per-GPU estimate, sharded or not) on one GPU (see the module
     docstring)."""
+    return level_verdict(s.train, gpu, calib, margin, allocated=s.peak_allocated_bytes,
+                         outside=s.device_total_bytes - s.peak_reserved_bytes,
+                         device_total=s.device_total_bytes, largest=s.largest_temporary_bytes)
+
+
+def level_verdict(train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
+                  margin: Margin = Margin(), *, allocated: int, outside: int,
+                  device_total: int | None, largest: int) -> Verdict:
+    """The verdict from a step's levels, whichever engine gave them (see the module docstring).
+    ``device_total`` None: the reserved level is unknown (a depth-extrapolated trace), so a step
+    whose live tensors fit is at best *tight*."""
     cap = gpu.capacity_bytes
-    train = s.train
     if not runs_precision(gpu, train.precision):
         return Verdict(NEEDS_BF16, 0, f"{gpu.name} has no bf16 tensor cores: use --precision "
                                       "fp16 (or fp32) on it")
-    outside = s.device_total_bytes - s.peak_reserved_bytes
+    held = device_total if device_total is not None else allocated + outside
     error = float((calib.get("verdict") or {}).get("device_error", 0.0))
-    largest = s.largest_temporary_bytes
     needs = {"the largest single allocation": largest,
-             f"the model's {error:.1%} error on measured runs": int(error * s.device_total_bytes),
-             "your --margin": margin.of(s.device_total_bytes)}
+             f"the model's {error:.1%} error on measured runs": int(error * held),
+             "your --margin": margin.of(held)}
     why, need = max(needs.items(), key=lambda kv: kv[1])
-    room = cap - s.device_total_bytes
-    if s.peak_allocated_bytes + outside > cap:
+    room = cap - held
+    if allocated + outside > cap:
         return Verdict(NO, need, "the live tensors alone exceed the capacity")
+    if device_total is None:
+        return Verdict(TIGHT, need, "the live tensors fit; the allocator's cache was not traced "
+                                    "at this depth (--trace-depth full)")
     if room < 0:
         return Verdict(TIGHT, need, "over capacity unless the allocator frees its cache and "
                                     "retries")
@@ -314,10 +326,54 @@ def answer_sentence(model: ModelSpec, train: TrainSpec, sharded: Estimate,
         out = (f"{setup} needs {per}, more than any single {among}: needs {choice.min_gpus} × "
                f"{g.name} ({g.capacity_bytes / GIB:.1f} GiB usable each) with "
                f"{choice.min_gpus_shard}.")
-    for f in sorted(tight, key=lambda f: f.gpu.capacity_bytes)[:3]:
-        out += (f" Tight on {f.gpu.name} ({f.gpu.capacity_bytes / GIB:.2f} GiB usable, "
-                f"{f.headroom_bytes / GIB:+.2f} GiB headroom): {f.verdict.reason}.")
-    return out
+    return out + tight_clauses(tight)
+
+
+def tight_clauses(tight: Sequence[GpuFit]) -> str:
+    """" Tight on X (...): why." for the three smallest tight GPUs."""
+    return "".join(f" Tight on {f.gpu.name} ({f.gpu.capacity_bytes / GIB:.2f} GiB usable, "
+                   f"{f.headroom_bytes / GIB:+.2f} GiB headroom): {f.verdict.reason}."
+                   for f in sorted(tight, key=lambda f: f.gpu.capacity_bytes)[:3])
+
+
+def traced_plan(name: str, train: TrainSpec, gpus: Sequence[GpuSpec], calib: Mapping[str, Any],
+                margin: Margin = Margin(), catalog: bool = True, *, allocated: int,
+                outside: int, device_total: int | None,
+                largest: int) -> tuple[tuple[GpuFit, ...], str]:
+    """Every GPU against one traced step (the trace engine's levels; one GPU, no sharding) and
+    the answer sentence. A trace answers for its own seq_len and batch only: the searches (max
+    seq, max batch, GPU count with sharding) and the step-time model need the analytic engine."""
+    held = device_total if device_total is not None else allocated + outside
+    fits = []
+    for g in gpus:
+        v = level_verdict(train, g, calib, margin, allocated=allocated, outside=outside,
+                          device_total=device_total, largest=largest)
+        room = g.capacity_bytes - held
+        fits.append(GpuFit(g, held, v.fits, room, PERCENT * room / g.capacity_bytes, None, None,
+                           1 if v.fits else None, "none", None, v))
+    among = "catalog GPU" if catalog else "GPU asked about"
+    setup = f"{name} {train.method} (seq {train.seq_len}, batch {train.batch})"
+    if device_total is None:
+        could = sorted((f for f in fits if f.verdict.word == TIGHT),
+                       key=lambda f: f.gpu.capacity_bytes)
+        out = (f"{setup} needs at least {held / GIB:.1f} GiB (traced peak allocated + memory "
+               "outside the allocator; its cache was not traced at this depth): ")
+        out += (f"the smallest {among} that may hold it is {could[0].gpu.name}; trace every "
+                "layer (--trace-depth full) for the device total and a verdict."
+                if could else f"no {among} holds even that.")
+        return tuple(fits), out
+    ok = sorted((f for f in fits if f.fits), key=lambda f: f.gpu.capacity_bytes)
+    if ok:
+        g = ok[0].gpu
+        out = (f"{setup} needs {held / GIB:.1f} GiB (traced device total): the smallest "
+               f"{among} that fits is {g.name} ({g.capacity_bytes / GIB:.1f} GiB usable, "
+               f"{ok[0].headroom_bytes / GIB:.1f} GiB headroom).")
+    else:
+        out = (f"{setup} needs {held / GIB:.1f} GiB (traced device total) and fits no single "
+               f"{among}; GPU counts with sharding need the analytic engine.")
+    tight = [f for f in fits if f.verdict.word == TIGHT and
+             (not ok or f.gpu.capacity_bytes < ok[0].gpu.capacity_bytes)]
+    return tuple(fits), out + tight_clauses(tight)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,3 +49,18 @@ def test_lora_trainable_count_equals_peft_r16_all_linear(name):
     expected = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     train = TrainSpec(method="lora", lora_r=16)
     assert trainable_params(spec_from_hf_config(config, name), train) == expected
+
+
+def profiles_with_stored_counts() -> list[str]:
+    from vramplan.profiles import profile_source
+
+    return [n for n in list_models() if profile_source(n).get("meta_param_count") is not None]
+
+
+@pytest.mark.parametrize("name", profiles_with_stored_counts())
+def test_a_profiles_stored_parameter_count_is_transformers_meta_count(name):
+    from vramplan.profiles import profile_source
+
+    _, config = load_hf_config(name)
+    model = meta_model({k: v for k, v in config.items() if k != "architectures"})
+    assert sum(p.numel() for p in model.parameters()) == profile_source(name)["meta_param_count"]

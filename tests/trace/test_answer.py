@@ -159,3 +159,47 @@ def test_a_patterned_stack_extrapolates_to_its_full_depth_trace():
     assert layer_plan(cfg) == (6, 12)
     t = TrainSpec(method="lora", seq_len=128, lora_r=8, lora_dropout=0.0, optimizer="adamw")
     assert _trace(cfg, t, layer_plan(cfg))["peak"] == trace_step(cfg, t).peak_allocated_bytes
+
+
+def fit_json(capsys, *argv: str) -> dict:
+    assert main(["fit", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_fit_with_the_trace_engine_holds_the_traced_device_total_against_each_gpu(capsys):
+    """A shallow model traced whole: every GPU's verdict from the trace's device total; a card
+    just below it does not fit, one well above it fits."""
+    argv = (str(OLMO2), "--method", "lora", "--seq-len", "256", "--lora-dropout", "0")
+    total = run_json(capsys, *argv)["device_total_bytes"]
+    small, big = f"{(total - 2**20) / 2**20:.0f}MiB", f"{(2 * total) / 2**20:.0f}MiB"
+    out = fit_json(capsys, *argv, "--gpus", f"{small},{big}")
+    assert out["engine"] == "trace" and out["estimate"]["device_total_bytes"] == total
+    verdicts = {g["key"]: (g["verdict"], g["device_total_bytes"]) for g in out["gpus"]}
+    assert verdicts[small] == ("does not fit", total) or verdicts[small][0] == "tight"
+    assert verdicts[big] == ("fits", total)
+    assert all(g["max_seq_len"] is None and g["hours_per_billion_tokens"] is None
+               for g in out["gpus"])
+
+
+def test_fit_and_table_refuse_what_a_trace_cannot_answer(capsys):
+    for argv in (["fit", str(OLMO2), "--engine", "trace", "--shard", "zero3", "--num-gpus", "2"],
+                 ["fit", str(OLMO2), "--engine", "trace", "--tokens", "1e9"],
+                 ["table", "--models", str(OLMO2), "--engine", "trace", "--trace-depth",
+                  "auto"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("analytic" in err[0] or "full" in err[0])
+
+
+def test_table_mixes_engines_and_says_which_rows_were_traced(capsys):
+    argv = ["table", "--models", f"llama-3.2-1b,{OLMO2}", "--methods", "lora", "--seq-len",
+            "256", "--lora-dropout", "0", "--format", "json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    cells = {c["model"]: c for c in out["rows"]}
+    traced = run_json(capsys, str(OLMO2), "--method", "lora", "--seq-len", "256",
+                      "--lora-dropout", "0")
+    olmo = cells[traced["model"]]
+    assert olmo["device_total_bytes"] == traced["device_total_bytes"] and olmo["hours"] is None
+    assert cells["llama-3.2-1b"]["hours"] is not None
+    assert out["settings"]["traced_models"] == [traced["model"]]

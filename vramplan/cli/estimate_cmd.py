@@ -42,14 +42,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=run_gpus)
 
 
-def add_engine_option(p: argparse.ArgumentParser) -> None:
+def add_engine_option(p: argparse.ArgumentParser, depth: str = "auto") -> None:
     p.add_argument("--engine", choices=("auto", "analytic", "trace"), default="auto",
                    help="analytic: the term-by-term model (milliseconds, the families it knows); "
                         "trace: the model's real transformers/peft/bitsandbytes code on fake "
                         "tensors (any architecture transformers ships; needs vramplan[trace]; "
                         "seconds, then cached); auto: analytic where it knows the family, else "
                         "trace")
-    p.add_argument("--trace-depth", choices=("auto", "full"), default="auto",
+    p.add_argument("--trace-depth", choices=("auto", "full"), default=depth,
                    help="trace engine: auto traces a deep model at two shallow depths and "
                         "extrapolates peak allocated (seconds); full traces every layer, which "
                         "also gives the reserved and device levels (about 0.5 s per layer of a "

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from vramplan.cli.common import Formatter, add_train_options, train_from_args
+from vramplan.cli.estimate_cmd import add_engine_option, pick_engine
 from vramplan.specs import SpecError
 
 FIT_EXAMPLES = """examples:
@@ -45,6 +46,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="print every term of the estimate (default: the largest ones)")
     add_job_options(p)
+    add_engine_option(p, depth="full")
     p.set_defaults(func=run_fit)
 
     t = sub.add_parser("table", help="memory per model x method and the smallest GPU that fits",
@@ -56,6 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--calibration", default="default")
     t.add_argument("--format", choices=("md", "csv", "html", "json"), default="md")
     add_job_options(t, lengths=False)
+    add_engine_option(t, depth="full")
     t.set_defaults(func=run_table)
 
     q = sub.add_parser("plot", help="breakdown or max-seq plots (PNG, needs matplotlib)",
@@ -225,12 +228,16 @@ def run_fit(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from vramplan.planner import plan
-    from vramplan.profiles import load_calibration, load_model, load_search
+    from vramplan.profiles import (load_calibration, load_hf_config, load_search,
+                                   spec_from_hf_config)
     from vramplan.report.breakdown import estimate_json, render_text, render_top_terms
     from vramplan.report.tables import render_fit_text
 
     margin = parse_margin(args.margin)
-    model, train = load_model(args.model), train_from_args(args)
+    name, cfg = load_hf_config(args.model)
+    if pick_engine(args.engine, str(cfg.get("model_type"))) == "trace":
+        return run_traced_fit(args, name, cfg, margin)
+    model, train = spec_from_hf_config(cfg, name), train_from_args(args)
     tokens = job_tokens(args)
     lengths = read_lengths(args.lengths) if args.lengths else None
     if lengths:  # memory for the longest example: every padded batch is at most that long
@@ -258,6 +265,60 @@ def run_fit(args: argparse.Namespace) -> int:
     print()
     print(render_text(view) if args.breakdown else render_top_terms(view))
     return 0
+
+
+def traced_setup(args: argparse.Namespace, what: str):
+    """The setup of `fit`/`table --engine trace`, refusing what a trace cannot answer."""
+    if getattr(args, "shard", "none") != "none":
+        raise SpecError(f"{what} --engine trace: a trace is one GPU's step; sharding (--shard) "
+                        "needs the analytic engine")
+    if args.tokens is not None or args.dataset_tokens is not None or \
+            getattr(args, "lengths", None):
+        raise SpecError(f"{what} --engine trace: time and cost (--tokens, --dataset-tokens, "
+                        "--lengths) need the analytic engine's step-time model")
+    return train_from_args(args)
+
+
+def traced(args: argparse.Namespace, name: str, cfg: dict, train, calib):
+    """The trace engine's answer for one setup at --trace-depth, counted as on CUDA."""
+    from vramplan.cli.common import trace_engine
+
+    return trace_engine().trace_answer(name, cfg, train, depth=args.trace_depth, calib=calib)
+
+
+def run_traced_fit(args: argparse.Namespace, name: str, cfg: dict, margin) -> int:
+    """`fit --engine trace`: every GPU's verdict and headroom at the traced setup."""
+    from vramplan.planner import traced_plan
+    from vramplan.profiles import load_calibration
+    from vramplan.report.breakdown import render_trace_text
+    from vramplan.report.tables import render_traced_fit_text
+
+    train = traced_setup(args, "fit")
+    gpus, calib = select_gpus(args.gpus), load_calibration(args.calibration)
+    a = traced(args, name, cfg, train, calib)
+    outside = a.device_total_bytes - a.peak_reserved_bytes if a.device_total_bytes is not None \
+        else trace_engine_outside(calib)
+    fits, answer = traced_plan(name, train, gpus, calib, margin, catalog=args.gpus == "all",
+                               allocated=a.peak_allocated_bytes, outside=outside,
+                               device_total=a.device_total_bytes, largest=a.largest_alloc_bytes)
+    if args.json:
+        print(json.dumps({"answer": answer, "engine": "trace", "setup": train.as_dict(),
+                          "margin": {"bytes": margin.nbytes, "fraction": margin.fraction},
+                          "job_tokens": None, "gpus": [f.as_dict() for f in fits],
+                          "dataset": None, "time_model": None, "estimate": a.as_json()},
+                         indent=2))
+        return 0
+    print(render_traced_fit_text(answer, fits))
+    print()
+    print(render_trace_text(a))
+    return 0
+
+
+def trace_engine_outside(calib) -> int:
+    """CUDA memory outside the caching allocator, as the trace engine adds it."""
+    from vramplan.cli.common import trace_engine
+
+    return trace_engine().non_allocator_bytes(calib)
 
 
 def dataset_rows(p, model, train, calib, lengths: dict[int, int], epochs: float) -> list[dict]:
@@ -295,22 +356,46 @@ def render_dataset(rows: list[dict], epochs: float) -> str:
 
 
 def run_table(args: argparse.Namespace) -> int:
-    from vramplan.profiles import load_calibration, load_gpus, load_model
+    from vramplan.profiles import load_calibration, load_gpus, load_hf_config, spec_from_hf_config
     from vramplan.report.tables import memory_table, render_table
 
     if args.method is not None:
         raise SpecError("table compares methods: give them as --methods (a comma list), not "
                         "--method")
-    models = [load_model(m) for m in _split(args.models, "models")]
     methods = _methods(args.methods)
     train = train_from_args(args, method=methods[0])
     tokens = job_tokens(args)
-    t = memory_table(models, methods, train, list(load_gpus().values()),
-                     load_calibration(args.calibration), 1e9 if tokens is None else tokens)
+    calib = load_calibration(args.calibration)
+    models = []
+    for m in _split(args.models, "models"):
+        name, cfg = load_hf_config(m)
+        if pick_engine(args.engine, str(cfg.get("model_type"))) == "trace":
+            models.append(traced_row(args, name, cfg, train, methods, calib))
+        else:
+            models.append(spec_from_hf_config(cfg, name))
+    t = memory_table(models, methods, train, list(load_gpus().values()), calib,
+                     1e9 if tokens is None else tokens)
     print(render_table(t, args.format))
     if args.format == "csv":  # the csv itself stays one header line + rows
         print(t.caption, file=sys.stderr)
     return 0
+
+
+def traced_row(args: argparse.Namespace, name: str, cfg: dict, train, methods, calib):
+    """One `table` row from the trace engine: every method traced at full depth."""
+    from dataclasses import replace
+
+    from vramplan.report.tables import TracedModel
+
+    if args.trace_depth != "full":
+        raise SpecError("table --engine trace needs device totals, which only a full-depth trace "
+                        "gives: leave --trace-depth at full")
+    traced_setup(args, "table")
+    by_method = {}
+    for method in methods:
+        a = traced(args, name, cfg, replace(train, method=method), calib)
+        by_method[method] = (a.params_total, a.device_total_bytes)
+    return TracedModel(name, by_method)
 
 
 def run_plot(args: argparse.Namespace) -> int:

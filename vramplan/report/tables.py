@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from vramplan.cost import CostEstimate, cost_per_billion_tokens
-from vramplan.planner import Plan, per_gpu, runs_precision
+from vramplan.planner import GpuFit, Plan, per_gpu, runs_precision
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 from vramplan.units import GIB
 
@@ -88,7 +88,16 @@ def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec],
     return min(ok, key=lambda g: g.capacity_bytes, default=None)
 
 
-def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: TrainSpec,
+@dataclass(frozen=True, slots=True)
+class TracedModel:
+    """A table row the trace engine answered: per method, (parameters, device total in bytes)
+    from a full-depth trace. It has no step-time model, so no time or cost."""
+
+    name: str
+    by_method: Mapping[str, tuple[int, int]]
+
+
+def memory_table(models: Sequence[ModelSpec | TracedModel], methods: Sequence[str], train: TrainSpec,
                  gpus: Sequence[GpuSpec], calib: Mapping[str, Any],
                  tokens: float = 1e9) -> MemoryTable:
     """Device total per model × method at one setup (the method varies, all else fixed), the
@@ -97,6 +106,11 @@ def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: Tra
     for m in models:
         for method in methods:
             t = replace(train, method=method)
+            if isinstance(m, TracedModel):
+                params, need = m.by_method[method]
+                cells.append(Cell(m.name, params, method, need, smallest_gpu(need, gpus, train),
+                                  None, tokens))
+                continue
             s = per_gpu(m, t, calib)
             gpu = smallest_gpu(s.device_total_bytes, gpus, train)
             cost = cost_per_billion_tokens(m, t, gpu, t.num_gpus, calib) if gpu else None
@@ -108,8 +122,15 @@ def memory_table(models: Sequence[ModelSpec], methods: Sequence[str], train: Tra
                 "calibration_status": calib.get("status", "fitted")}
     del settings["method"]
     settings["job_tokens"] = tokens
-    return MemoryTable(tuple(m.name for m in models), tuple(methods), tuple(cells),
-                       caption(train, methods, calib, tokens), settings)
+    text = caption(train, methods, calib, tokens)
+    traced = [m.name for m in models if isinstance(m, TracedModel)]
+    if traced:
+        settings["traced_models"] = traced
+        text = text[:-1] + (f"; {', '.join(traced)}: the trace engine (the model's own code on "
+                            "fake tensors, every layer traced; no step-time model, so no time "
+                            "or cost).")
+    return MemoryTable(tuple(m.name for m in models), tuple(methods), tuple(cells), text,
+                       settings)
 
 
 def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any],
@@ -205,11 +226,17 @@ def fit_rows(p: Plan, max_gpus: int = 64,
              tokens: float | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the `fit` table (GiB for display); time and cost per 10^9 tokens, or
     for the job's ``tokens`` when given."""
+    return gpu_rows(p.fits, max_gpus, tokens)
+
+
+def gpu_rows(fits: Sequence[GpuFit], max_gpus: int = 64,
+             tokens: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """The `fit` table's header and one row per GPU fit."""
     unit = "1B tok" if tokens is None else "job"
     head = ["gpu", "usable GiB", "verdict", "headroom GiB", "headroom %", "max seq",
             "max batch", "min GPUs", "step s", f"h/{unit}", f"$/{unit}", "time"]
     rows = []
-    for f in p.fits:
+    for f in fits:
         c = f.cost
         gpus = f">{max_gpus}" if f.min_gpus is None else \
             (f"{f.min_gpus}" + (f" {f.min_gpus_shard}" if f.min_gpus_shard != "none" else ""))
@@ -228,13 +255,33 @@ def fit_rows(p: Plan, max_gpus: int = 64,
     return head, rows
 
 
+def aligned(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in
+                      enumerate(zip(r, widths))) for r in [head, *rows]]
+
+
+#: The `fit` table's columns a traced step fills (verdict and headroom at its own setup).
+TRACED_COLUMNS = 5
+
+
+def render_traced_fit_text(answer: str, fits: Sequence[GpuFit]) -> str:
+    """`fit --engine trace`: the answer and each GPU's verdict and headroom at the traced setup."""
+    head, rows = gpu_rows(fits)
+    lines = [answer, "", *aligned(head[:TRACED_COLUMNS], [r[:TRACED_COLUMNS] for r in rows])]
+    lines += ["", "usable GiB: what CUDA lets a process allocate (below nvidia-smi's total). "
+              "verdict: tight = may run, but the headroom is below the step's largest single "
+              "allocation, the model's error on measured runs or --margin. The trace answers "
+              "for its own --seq-len and --batch on one GPU: max seq/batch, GPU counts with "
+              "sharding, and time and cost need the analytic engine (families it knows)."]
+    return "\n".join(lines)
+
+
 def render_fit_text(p: Plan, max_gpus: int = 64, tokens: float | None = None) -> str:
     """The answer, the per-GPU table, and the footnotes on time, cost and the columns."""
     head, rows = fit_rows(p, max_gpus, tokens)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(x.ljust(w) if i == 0 else x.rjust(w)  # noqa: E731
-                              for i, (x, w) in enumerate(zip(r, widths)))
-    lines = [p.answer, "", fmt(head)] + [fmt(r) for r in rows]
+    lines = [p.answer, "", *aligned(head, rows)]
     per = "per 10^9 training tokens" if tokens is None else f"for {tokens:,.0f} training tokens"
     lines += ["", f"step s: one optimizer step on one GPU from the step-time model (FLOPs, bytes "
               f"moved, host ops); hours and USD {per} on the GPUs the run needs (num-gpus if it "

@@ -44,7 +44,7 @@ from typing import Any
 from vramplan.specs import SpecError, TrainSpec
 
 #: Bump when the trace's recorded quantities change meaning (invalidates cached answers).
-TRACE_VERSION = 3
+TRACE_VERSION = 4
 #: Devices whose count a trace can follow.
 DEVICES = ("cuda", "cpu")
 #: Depth choices: "auto" extrapolates deep models from shallow traces, "full" traces every layer.
@@ -76,6 +76,7 @@ class TraceAnswer:
     device: str = "cuda"
     peak_reserved_bytes: int | None = None  # CUDA, full-depth traces only (module docstring)
     device_total_bytes: int | None = None
+    largest_alloc_bytes: int = 0  # the measured step's largest single storage
 
     def as_json(self) -> dict[str, Any]:
         """The JSON contract's shape: the analytic keys where the trace has them, null where not."""
@@ -87,6 +88,7 @@ class TraceAnswer:
                 "peak_allocated_bytes": self.peak_allocated_bytes,
                 "peak_reserved_bytes": self.peak_reserved_bytes,
                 "device_total_bytes": self.device_total_bytes, "peak_phase": self.peak_phase,
+                "largest_temporary_bytes": self.largest_alloc_bytes,
                 "phase_bytes": self.phase_peaks, "notes": list(self.notes),
                 "trace": {"layers": self.num_layers, "traced_layers": list(self.traced_layers),
                           "wall_s": round(self.wall_s, 3), "cached": self.cached}}
@@ -226,12 +228,14 @@ def _trace(cfg: dict[str, Any], train: TrainSpec, plan: tuple[int, int] | None,
                 "phases": phases, "groups": groups,
                 "params_total": at_depth(ta.params_total, tb.params_total),
                 "params_trainable": at_depth(ta.params_trainable, tb.params_trainable),
-                "traced": list(d.layers), "wall_s": d.wall_s, "reserved": None}
+                "traced": list(d.layers), "wall_s": d.wall_s, "reserved": None,
+                "largest": max(ta.largest_step_alloc_bytes, tb.largest_step_alloc_bytes)}
     r = trace_step(cfg, train, **how)
     return {"peak": r.peak_allocated_bytes, "phase": r.peak_phase, "phases": dict(r.phase_peaks),
             "groups": dict(r.terms), "params_total": r.params_total,
             "params_trainable": r.params_trainable, "traced": [r.num_layers], "wall_s": r.wall_s,
-            "reserved": r.levels.peak_reserved_bytes if r.levels else None}
+            "reserved": r.levels.peak_reserved_bytes if r.levels else None,
+            "largest": r.largest_step_alloc_bytes}
 
 
 def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec, *, device: str = "cuda",
@@ -263,8 +267,8 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec, *, device: st
         check_model_type(cfg)
         layers = int(cfg.get("num_hidden_layers") or 0)
         plan = depth_plan(cfg) if depth == "auto" else None
-        which = f"{' and '.join(map(str, plan))} of {layers} layers" if plan else \
-            f"all {layers} layers"
+        which = f"from {plan[0]} of {layers} layers until the per-layer growth is steady" \
+            if plan else f"all {layers} layers"
         print(f"vramplan: tracing {name} ({cfg.get('model_type')}, {train.method}) on fake tensors, "
               f"{which}, counting as {device}...", file=sys.stderr, flush=True)
         with quiet_libraries():
@@ -289,7 +293,7 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec, *, device: st
                        {k: int(v) for k, v in data["groups"].items()}, total, trainable,
                        layers, tuple(data["traced"]), float(data["wall_s"]), cached,
                        _notes(train, layers, tuple(data["traced"]), device), device,
-                       reserved, device_total)
+                       reserved, device_total, int(data.get("largest", 0)))
 
 
 def non_allocator_bytes(calib: dict[str, Any]) -> int:
@@ -303,19 +307,25 @@ def non_allocator_bytes(calib: dict[str, Any]) -> int:
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Silence the libraries' deprecation and CPU-fallback warnings while tracing: they describe
-    the fake run, not the user's setup."""
+    the fake run, not the user's setup (bitsandbytes' missing optional CPU 4-bit kernel among
+    them: fake tensors run no kernel)."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb_level = bnb.level
     hf_logging.set_verbosity_error()
+    bnb.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(level)
+        bnb.setLevel(bnb_level)
 
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -67,6 +67,13 @@ class TraceResult:
     levels: Levels | None = None
 
     @property
+    def largest_step_alloc_bytes(self) -> int:
+        """The largest single storage the measured step creates (one failed request of this
+        size is an out-of-memory error, whatever the free total)."""
+        last = max((e.step for e in self.events), default=0)
+        return max((e.nbytes for e in self.events if e.step == last and e.nbytes > 0), default=0)
+
+    @property
     def terms(self) -> dict[str, int]:
         """Every group, resident and step, as ``group -> bytes``; they sum to the peak."""
         return {**self.resident, **self.at_peak}
