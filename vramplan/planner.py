@@ -24,7 +24,7 @@ Searches resolve one token / one sequence: the result ``x`` passes and ``x + 1``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from vramplan.cost import CostEstimate, cost_per_billion_tokens
 from vramplan.model.estimate import Estimate, estimate
@@ -105,6 +105,12 @@ def level_verdict(train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
     if room < need:
         return Verdict(TIGHT, need, f"headroom below {why} ({need / GIB:.2f} GiB)")
     return Verdict(FITS, need, f"headroom covers {why} ({need / GIB:.2f} GiB)")
+
+
+def smallest_fitting(verdicts: Iterable[tuple[GpuSpec, Verdict]]) -> GpuSpec | None:
+    """The GPU with the least CUDA capacity whose verdict is "fits" (the first listed wins a
+    tie): the one GPU `fit` names and a `table` cell shows."""
+    return min((g for g, v in verdicts if v.fits), key=lambda g: g.capacity_bytes, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,9 +292,9 @@ def plan(model: ModelSpec, train: TrainSpec, gpus: Sequence[GpuSpec],
     multi-GPU option with the least total memory (ties: fewer GPUs, then catalog order)."""
     sharded = per_gpu(model, train, calib)
     fits = tuple(fit_gpu(model, train, g, calib, margin, search=search) for g in gpus)
-    single = [f for f in fits if f.fits]
-    if single:
-        choice = min(single, key=lambda f: f.gpu.capacity_bytes)
+    best = smallest_fitting((f.gpu, f.verdict) for f in fits)
+    if best is not None:
+        choice = next(f for f in fits if f.gpu is best)
     else:
         multi = [f for f in fits if f.min_gpus is not None]
         choice = min(multi, key=lambda f: (f.min_gpus * f.gpu.capacity_bytes, f.min_gpus),
@@ -362,17 +368,17 @@ def traced_plan(name: str, train: TrainSpec, gpus: Sequence[GpuSpec], calib: Map
                 "layer (--trace-depth full) for the device total and a verdict."
                 if could else f"no {among} holds even that.")
         return tuple(fits), out
-    ok = sorted((f for f in fits if f.fits), key=lambda f: f.gpu.capacity_bytes)
-    if ok:
-        g = ok[0].gpu
+    g = smallest_fitting((f.gpu, f.verdict) for f in fits)
+    if g is not None:
+        room = g.capacity_bytes - held
         out = (f"{setup} needs {held / GIB:.1f} GiB (traced device total): the smallest "
                f"{among} that fits is {g.name} ({g.capacity_bytes / GIB:.1f} GiB usable, "
-               f"{ok[0].headroom_bytes / GIB:.1f} GiB headroom).")
+               f"{room / GIB:.1f} GiB headroom).")
     else:
         out = (f"{setup} needs {held / GIB:.1f} GiB (traced device total) and fits no single "
                f"{among}; GPU counts with sharding need the analytic engine.")
     tight = [f for f in fits if f.verdict.word == TIGHT and
-             (not ok or f.gpu.capacity_bytes < ok[0].gpu.capacity_bytes)]
+             (g is None or f.gpu.capacity_bytes < g.capacity_bytes)]
     return tuple(fits), out + tight_clauses(tight)
 
 

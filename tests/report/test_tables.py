@@ -11,7 +11,7 @@ import pytest
 
 from vramplan.cli import main
 from vramplan.profiles import load_gpus, load_model
-from vramplan.report.tables import memory_table, render_table, smallest_gpu
+from vramplan.report.tables import memory_table, render_table
 from vramplan.specs import TrainSpec
 
 CAPTION_BITS = ("seq_len 2048", "micro-batch 1", "precision mixed", "gradient checkpointing on",
@@ -28,16 +28,20 @@ def table():
                         list(load_gpus().values()), load_calibration("default"))
 
 
-def test_smallest_gpu_holds_the_estimate_and_can_run_bf16(table):
-    gpus = [g for g in load_gpus().values() if g.has_bf16]  # the table's setup is bf16 autocast
-    assert {g.key for g in load_gpus().values()} - {g.key for g in gpus} == {"t4", "v100-16gb",
-                                                                            "v100-32gb"}
+def test_a_cells_gpu_is_the_one_fit_names_for_that_setup(table, search):
+    """One rule for "the smallest GPU": the table's cell and `fit`'s choice agree, and it can
+    run bf16 (the table's setup is bf16 autocast)."""
+    from vramplan.planner import plan
+    from vramplan.profiles import load_calibration
+
+    gpus = list(load_gpus().values())
     for c in table.cells:
+        p = plan(load_model(c.model), TrainSpec(method=c.method), gpus, load_calibration(),
+                 search=search)
+        chosen = p.choice.gpu if p.choice is not None and p.choice.fits else None
+        assert c.gpu == chosen, (c.model, c.method)
         if c.gpu is not None:
             assert c.gpu.capacity_bytes >= c.device_total_bytes and c.gpu.has_bf16
-            assert c.gpu == smallest_gpu(c.device_total_bytes, gpus)
-            assert not any(c.device_total_bytes <= g.capacity_bytes < c.gpu.capacity_bytes
-                           for g in gpus)
 
 
 def test_markdown_has_a_row_per_model_and_the_caption(table):

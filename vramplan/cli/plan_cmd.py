@@ -391,11 +391,14 @@ def traced_row(args: argparse.Namespace, name: str, cfg: dict, train, methods, c
         raise SpecError("table --engine trace needs device totals, which only a full-depth trace "
                         "gives: leave --trace-depth at full")
     traced_setup(args, "table")
-    by_method = {}
+    params, levels = {}, {}
     for method in methods:
         a = traced(args, name, cfg, replace(train, method=method), calib)
-        by_method[method] = (a.params_total, a.device_total_bytes)
-    return TracedModel(name, by_method)
+        params[method] = a.params_total
+        levels[method] = {"allocated": a.peak_allocated_bytes, "device_total": a.device_total_bytes,
+                          "outside": a.device_total_bytes - a.peak_reserved_bytes,
+                          "largest": a.largest_alloc_bytes}
+    return TracedModel(name, params, levels)
 
 
 def run_plot(args: argparse.Namespace) -> int:

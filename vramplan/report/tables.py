@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from vramplan.cost import CostEstimate, cost_per_billion_tokens
-from vramplan.planner import GpuFit, Plan, per_gpu, runs_precision
+from vramplan.planner import (GpuFit, Plan, level_verdict, per_gpu, smallest_fitting,
+                              verdict)
 from vramplan.specs import GpuSpec, ModelSpec, TrainSpec
 from vramplan.units import GIB
 
@@ -79,22 +80,15 @@ class MemoryTable:
         return df
 
 
-def smallest_gpu(need_bytes: int, gpus: Sequence[GpuSpec],
-                 train: TrainSpec | None = None) -> GpuSpec | None:
-    """The catalog GPU with the least CUDA capacity ≥ need (catalog order breaks ties), among
-    those that can run the setup's precision (bf16 needs bf16 tensor cores)."""
-    ok = [g for g in gpus if g.capacity_bytes >= need_bytes and
-          (train is None or runs_precision(g, train.precision))]
-    return min(ok, key=lambda g: g.capacity_bytes, default=None)
-
-
 @dataclass(frozen=True, slots=True)
 class TracedModel:
-    """A table row the trace engine answered: per method, (parameters, device total in bytes)
-    from a full-depth trace. It has no step-time model, so no time or cost."""
+    """A table row the trace engine answered: per method, the parameter count and the levels of
+    a full-depth trace (:func:`vramplan.planner.level_verdict`'s keywords: allocated, outside,
+    device_total, largest). It has no step-time model, so no time or cost."""
 
     name: str
-    by_method: Mapping[str, tuple[int, int]]
+    params: Mapping[str, int]
+    levels: Mapping[str, Mapping[str, int]]
 
 
 def memory_table(models: Sequence[ModelSpec | TracedModel], methods: Sequence[str], train: TrainSpec,
@@ -107,12 +101,13 @@ def memory_table(models: Sequence[ModelSpec | TracedModel], methods: Sequence[st
         for method in methods:
             t = replace(train, method=method)
             if isinstance(m, TracedModel):
-                params, need = m.by_method[method]
-                cells.append(Cell(m.name, params, method, need, smallest_gpu(need, gpus, train),
+                lv = m.levels[method]
+                gpu = smallest_fitting((g, level_verdict(t, g, calib, **lv)) for g in gpus)
+                cells.append(Cell(m.name, m.params[method], method, lv["device_total"], gpu,
                                   None, tokens))
                 continue
             s = per_gpu(m, t, calib)
-            gpu = smallest_gpu(s.device_total_bytes, gpus, train)
+            gpu = smallest_fitting((g, verdict(s, g, calib)) for g in gpus)
             cost = cost_per_billion_tokens(m, t, gpu, t.num_gpus, calib) if gpu else None
             cells.append(Cell(m.name, s.params_total, method, s.device_total_bytes, gpu,
                               cost, tokens))
@@ -156,8 +151,11 @@ def caption(train: TrainSpec, methods: Sequence[str], calib: Mapping[str, Any],
     parts.append("no sharding" if t.shard == "none" else f"{t.shard} over {t.num_gpus} GPUs")
     status = calib.get("status", "fitted")
     parts.append(f"calibration {calib.get('name', 'default')} ({status})")
-    parts.append("GPU = the catalog GPU with the least usable (CUDA) memory at least the estimate"
-                 + (" that has bf16 (not T4/V100)" if t.precision in ("bf16", "mixed") else ""))
+    parts.append("GPU = the catalog GPU with the least usable (CUDA) memory on which the setup "
+                 "fits as `vramplan fit` judges it (headroom at least the step's largest single "
+                 "allocation and the model's error on measured runs"
+                 + ("; bf16 tensor cores, not T4/V100)" if t.precision in ("bf16", "mixed")
+                    else ")"))
     fit = calib.get("time") or {}
     parts.append(f"h and $ = hours and USD for {tokens:,.0f} training tokens on that GPU from the "
                  "step-time model; MEAS = its constants were fitted on that GPU's own step times "
