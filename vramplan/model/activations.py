@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, LayerCtx, Ledger, layer_ledger
-from vramplan.model.params import layer_linears, lora_tensors, param_tensors
+from vramplan.model.inventory import inventory
 from vramplan.model.terms import PHASES, Term
 from vramplan.model.weights import dequant_bytes
 from vramplan.specs import ModelSpec, TrainSpec
@@ -181,14 +181,14 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """Short-lived buffers: the dequantised 4-bit weight and the autocast weight cache."""
     terms = []
     if t.method == "qlora":
-        n = max(lin.weight_params for lin in layer_linears(m))
+        n = max(lin.weight_params for lin in inventory(m, t).linears)
         terms.append(Term("activations.dequant_buffer", dequant_bytes(n, d.compute, t.double_quant),
                           "max_linear(n) * e_compute (+ 4*n/64 fp32 absmax with DQ)",
                           "bitsandbytes dequantize_4bit in MatMul4Bit forward/backward",
                           phases=("layer_forward",) + DOWN))
     if d.autocast:
         terms.extend(autocast_cache_terms(m, t))
-    if m.is_moe and t.method != "full" and t.target_modules() is None:
+    if m.is_moe and inventory(m, t).all_linear:
         terms.extend(moe_merged_expert_terms(m, t, d))
     return tuple(terms)
 
@@ -223,7 +223,7 @@ def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
     re-casts one layer's weights, saved until that layer's backward ends.
     Ref: ATen ``autocast_mode.cpp::cached_cast``; PHYSICS-REFERENCE §3.3, §9 item 4.
     """
-    tensors = param_tensors(m) if t.method == "full" else lora_tensors(m, t)
+    tensors = inventory(m, t).trainable
     linear = [x for x in tensors if x.kind in ("linear", "lora", "expert")]
     per_layer = sum(x.params for x in linear) // m.num_hidden_layers
     head = sum(x.params for x in tensors if x.kind == "lm_head" or

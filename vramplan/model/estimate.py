@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from vramplan.model import activations, optim, overhead, weights
 from vramplan.model.dtypes import dtypes_for
 from vramplan.model.ledger import ledger_for, per_token_setup
-from vramplan.model.params import layer_linears, total_params, trainable_params
+from vramplan.model.inventory import inventory
 from vramplan.model.terms import PHASES, Breakdown, Term
 from vramplan.model.timeline import Replay, replay
 from vramplan.specs import ModelSpec, SpecError, TrainSpec
@@ -102,8 +102,8 @@ def setup_terms(m: ModelSpec, t: TrainSpec, device: str) -> SetupTerms:
     return SetupTerms((*weights.weight_terms(m, t, d), *weights.adapter_terms(m, t, d),
                        *optim.gradient_terms(m, t, d), *optim.accumulation_terms(m, t, d),
                        *optim.optimizer_terms(m, t, d, device)),
-                      activations.transient_terms(m, t, d), total_params(m),
-                      trainable_params(m, t))
+                      activations.transient_terms(m, t, d), inventory(m, t).total_params,
+                      inventory(m, t).trainable_params)
 
 
 def step_replay(m: ModelSpec, t: TrainSpec, device: str, workspace: int) -> Replay:
@@ -157,9 +157,9 @@ def levels(terms: tuple[Term, ...]) -> Levels:
 
 def check_targets(m: ModelSpec, t: TrainSpec) -> None:
     """peft raises when none of the named LoRA targets exists in the model; so does this."""
-    names = t.target_modules() if t.method != "full" else None
+    names = inventory(m, t).targets
     if names:
-        have = [lin.name for lin in layer_linears(m)]
+        have = [lin.name for lin in inventory(m, t).linears]
         if not set(names) & set(have):
             raise SpecError(f"--lora-targets {t.lora_targets}: {m.name} ({m.model_type}) has no "
                             f"such module; its linears are {', '.join(have)}")
@@ -204,7 +204,7 @@ def notes_for(m: ModelSpec, t: TrainSpec, calib: Mapping[str, Any], device: str)
                      "after prepare_model_for_kbit_training, above LoRA's bf16 copy; with "
                      "all-linear, peft adapts them through target_parameters (counted in the "
                      "trainable parameters)")
-    if m.is_moe and t.method != "full" and t.target_modules() is None and t.lora_dropout > 0:
+    if m.is_moe and inventory(m, t).all_linear and t.lora_dropout > 0:
         notes.append("this setup does not run as given: peft 0.21 refuses LoRA dropout on fused "
                      "MoE experts, which all-linear adapts through ParamWrapper (ValueError "
                      "'lora.ParamWrapper does not work with lora_dropout != 0'); use "

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 from vramplan.model import weights
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, Ledger
-from vramplan.model.params import Tensor, layer_linears, lora_tensors, param_tensors
+from vramplan.model.inventory import Inventory, inventory
+from vramplan.model.params import Tensor
 from vramplan.specs import ModelSpec, TrainSpec
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +22,7 @@ class Layout:
     t: TrainSpec
     d: Dtypes
     led: Ledger
-    linears: dict  # name -> Linear
-    adapted: frozenset  # linear names with LoRA adapters
+    inv: Inventory  # the step's tensors (linears, adapters, LoRA targets)
     layer_params: tuple  # one layer's parameter tensors in named_parameters order
     device: str
     program: "LayerProgram | None" = None
@@ -31,17 +31,25 @@ class Layout:
     def n_tok(self) -> int:
         return self.t.seq_len * self.t.batch
 
+    @property
+    def linears(self) -> dict:
+        """name -> Linear of one decoder layer."""
+        return self.inv.linear_by_name
+
+    @property
+    def adapted(self) -> frozenset:
+        """The linear names with LoRA adapters."""
+        return self.inv.adapted
+
 
 def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> Layout:
     L = m.num_hidden_layers
+    inv = inventory(m, t)
     per = []
-    for x in param_tensors(m):
+    for x in inv.params:
         if x.count % L == 0 and x.kind in ("linear", "bias", "norm", "router", "expert"):
             per += [Tensor(x.name, x.numel, 1, x.kind, x.shape)] * (x.count // L)
-    lins = {lin.name: lin for lin in layer_linears(m)}
-    adapted = frozenset(x.name.rsplit(".", 1)[0] for x in lora_tensors(m, t)
-                        if x.name.rsplit(".", 1)[0] in lins)
-    lay = Layout(m, t, d, led, lins, adapted, tuple(per), device)
+    lay = Layout(m, t, d, led, inv, tuple(per), device)
     return replace(lay, program=layer_program(lay))
 
 
@@ -50,9 +58,8 @@ def trainable_order(lay: Layout) -> list[tuple[str, Tensor]]:
     m, t = lay.m, lay.t
     L = m.num_hidden_layers
     if t.method != "full":
-        lt = lora_tensors(m, t)
-        return [(f"{i}.{x.name}", x) for i in range(L) for x in lt if x.count == L]
-    tensors = param_tensors(m)
+        return [(f"{i}.{x.name}", x) for i in range(L) for x in lay.inv.lora if x.count == L]
+    tensors = lay.inv.params
     out = [("embed", next(x for x in tensors if x.kind == "embed"))]
     out += [(f"{i}.{j}", x) for i in range(L) for j, x in enumerate(lay.layer_params)]
     out += [("final_norm", x) for x in tensors if x.name == "final_norm"]
@@ -83,7 +90,7 @@ def merged_experts_bytes(lay: Layout) -> int:
     """peft ParamWrapper's merged W + B·A copy of a layer's expert stacks (see
     :func:`activations.moe_merged_expert_terms`); 0 unless LoRA all-linear on an MoE."""
     m, t = lay.m, lay.t
-    if not m.is_moe or t.method == "full" or t.target_modules() is not None:
+    if not m.is_moe or not lay.inv.all_linear:
         return 0
     return 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * lay.d.nonquant
 
@@ -94,7 +101,7 @@ def other_grads(lay: Layout) -> list[tuple[str, int]]:
     if lay.t.method == "full":
         return [(f"p{j}", x.numel) for j, x in enumerate(lay.layer_params)
                 if x.kind in ("norm", "router", "expert")]
-    return [(x.name, x.numel) for x in lora_tensors(lay.m, lay.t)
+    return [(x.name, x.numel) for x in lay.inv.lora
             if x.count == lay.m.num_hidden_layers and x.name.rsplit(".", 1)[0] not in lay.linears]
 
 

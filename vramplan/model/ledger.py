@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from vramplan.model.dtypes import Dtypes, dtypes_for
-from vramplan.model.params import Linear, layer_linears
+from vramplan.model.inventory import inventory
+from vramplan.model.params import Linear
 from vramplan.specs import ModelSpec, TrainSpec
 
 FP32 = 4
@@ -81,8 +82,7 @@ class LayerCtx:
         return {"full": "train", "lora": "frozen", "qlora": "4bit"}[self.t.method]
 
     def adapted(self, lin: Linear) -> bool:
-        targets = self.t.target_modules()
-        return self.t.method != "full" and (targets is None or lin.name in targets)
+        return lin.name in inventory(self.m, self.t).adapted
 
 
 def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
@@ -220,7 +220,7 @@ def dense_mlp(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
 def experts_trainable(c: LayerCtx) -> bool:
     """Expert weights carry grad: full fine-tuning, or peft "all-linear" on a transformers-5 MoE
     (``target_parameters`` LoRA merges W + B·A into the expert stack every forward)."""
-    return c.t.method == "full" or c.t.target_modules() is None
+    return c.t.method == "full" or inventory(c.m, c.t).all_linear
 
 
 def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
@@ -247,7 +247,7 @@ def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
 def layer_ledger(c: LayerCtx) -> Ledger:
     """Saved tensors of one decoder layer (no checkpointing), bytes per token."""
     led = Ledger()
-    lins = {lin.name: lin for lin in layer_linears(c.m)}
+    lins = inventory(c.m, c.t).linear_by_name
     x = T("layer_in", c.m.hidden_size, c.d.residual)
     gemma2 = c.m.post_norms
     a = attention(c, led, rmsnorm(c, led, x, "input_norm"), lins)

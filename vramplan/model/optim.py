@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.params import Tensor, trainable_tensors
+from vramplan.model.inventory import inventory
+from vramplan.model.params import Tensor
 from vramplan.model.terms import PHASES, Term
 from vramplan.specs import ModelSpec, TrainSpec
 from vramplan.units import ceil_div
@@ -27,7 +28,7 @@ def gradient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     while its saved tensors are released, so they are not counted on top of them.
     Ref: torch AccumulateGrad; ZeRO (arXiv:1910.02054) §3.1."""
     e, L = d.trainable, m.num_hidden_layers
-    tensors = trainable_tensors(m, t)
+    tensors = inventory(m, t).trainable
     # A tied embedding is the lm_head weight: its grad appears at the lm_head backward.
     head_kinds = ("lm_head", "embed") if m.tie_word_embeddings else ("lm_head",)
     head = sum(x.params for x in tensors if x.kind in head_kinds)
@@ -74,7 +75,7 @@ def accumulation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...
     Ref: torch ``AccumulateGrad::accumulateGrad``; HF Trainer ``gradient_accumulation_steps``."""
     if t.grad_accum <= 1:
         return ()
-    tensors = trainable_tensors(m, t)
+    tensors = inventory(m, t).trainable
     total = sum(x.params for x in tensors) * d.trainable
     largest = max((x.numel for x in tensors), default=0) * d.trainable
     return (
@@ -129,7 +130,7 @@ def optimizer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, device: str) -> tuple
     """
     opt = t.resolved_optimizer
     dev = paged = 0
-    for x in trainable_tensors(m, t):
+    for x in inventory(m, t).trainable:
         pieces, p = state_pieces(x, opt, d.trainable)
         dev += sum(pieces) * x.count
         paged += p * x.count
@@ -182,7 +183,7 @@ def step_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, device: str) -> tuple[Term
     one scalar per gradient, stacked, then ``_foreach_mul_`` scales in place; on CUDA each scalar
     is a 512-byte block. Ref: torch ``nn/utils/clip_grad.py``.
     """
-    tensors = trainable_tensors(m, t)
+    tensors = inventory(m, t).trainable
     nbytes, formula, ref = step_temporaries(tensors, t.resolved_optimizer, d.trainable)
     terms = []
     if nbytes:

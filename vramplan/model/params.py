@@ -8,6 +8,7 @@ router and fused experts) is listed as plain tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from vramplan.specs import ModelSpec, TrainSpec
 
@@ -50,6 +51,7 @@ class Tensor:
         return rows, self.numel // self.shape[-2]
 
 
+@lru_cache(maxsize=256)
 def layer_linears(m: ModelSpec) -> tuple[Linear, ...]:
     """The nn.Linear modules of one decoder layer (MoE experts are fused 3-D parameters, not here)."""
     h, q, kv, i = m.hidden_size, m.q_dim, m.kv_dim, m.intermediate_size
@@ -68,6 +70,7 @@ def layer_linears(m: ModelSpec) -> tuple[Linear, ...]:
     return attn + mlp + (Linear("down_proj", i, h, m.mlp_bias),)
 
 
+@lru_cache(maxsize=256)
 def param_tensors(m: ModelSpec) -> tuple[Tensor, ...]:
     """Every parameter tensor of the model, tied embeddings counted once.
 

@@ -30,8 +30,10 @@ from typing import Any, Mapping
 
 from vramplan.model.dtypes import dtypes_for
 from vramplan.model.estimate import Estimate, levels
-from vramplan.model.params import Tensor, lora_tensors, param_tensors
+from vramplan.model.inventory import inventory
+from vramplan.model.params import Tensor
 from vramplan.model.terms import PHASES, Breakdown, Term
+from vramplan.model.weights import stored_bytes
 from vramplan.specs import ModelSpec, TrainSpec
 from vramplan.units import ceil_div
 
@@ -81,34 +83,24 @@ def shard_term(t: Term, n: int) -> Term:
 def layer_unit_tensors(m: ModelSpec, train: TrainSpec) -> tuple[Tensor, ...]:
     """The parameter tensors of one decoder layer, adapters included (count = copies per layer)."""
     L = m.num_hidden_layers
-    per_layer = [x for x in param_tensors(m) if x.kind not in ("embed", "lm_head")
+    inv = inventory(m, train)
+    per_layer = [x for x in inv.params if x.kind not in ("embed", "lm_head")
                  and x.name != "final_norm"]
-    per_layer += list(lora_tensors(m, train))
+    per_layer += list(inv.lora)
     return tuple(replace(x, count=x.count // L) for x in per_layer)
 
 
-def tensor_bytes(x: Tensor, train: TrainSpec, device: str) -> int:
-    """Stored bytes of one tensor as the estimate keeps it (packed 4-bit or int8 for QLoRA linears)."""
-    d = dtypes_for(train, device)
-    if x.kind == "lora":
-        return x.params * d.trainable
-    if train.method == "qlora":
-        if x.kind == "linear":
-            return x.params if train.quant == "int8" else ceil_div(x.numel, 2) * x.count
-        return x.params * d.nonquant
-    return x.params * d.load
-
-
 def unit_bytes(m: ModelSpec, train: TrainSpec, device: str) -> tuple[int, int, int]:
-    """(largest unit's bytes, one layer unit's bytes, one layer's trainable params).
+    """(largest unit's bytes, one layer unit's bytes, one layer's trainable params), each tensor
+    in its stored bytes (:func:`vramplan.model.weights.stored_bytes`).
 
     Units: one decoder layer, the embedding, the lm_head (untied). Ref: FSDP
     ``transformer_auto_wrap_policy``; arXiv:2304.11277 §3.2.
     """
+    inv, d = inventory(m, train), dtypes_for(train, device)
     layer = layer_unit_tensors(m, train)
-    layer_bytes = sum(tensor_bytes(x, train, device) for x in layer)
-    others = [tensor_bytes(x, train, device) for x in param_tensors(m)
-              if x.kind in ("embed", "lm_head")]
+    layer_bytes = sum(stored_bytes(x, train, d, inv) for x in layer)
+    others = [stored_bytes(x, train, d, inv) for x in inv.of_kind("embed", "lm_head")]
     trainable = sum(x.params for x in layer if train.method == "full" or x.kind == "lora")
     return max([layer_bytes, *others]), layer_bytes, trainable
 

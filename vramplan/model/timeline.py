@@ -37,7 +37,6 @@ from vramplan.model.layout import (Layout, layout, merged_experts_bytes, other_g
                                    trainable_order)
 from vramplan.model.ledger import FP32, Ledger
 from vramplan.model.optim import state_pieces
-from vramplan.model.params import lora_tensors, param_tensors
 from vramplan.model.weights import int8_bytes, quant_pieces, quantized
 from vramplan.specs import ModelSpec, TrainSpec
 
@@ -99,7 +98,7 @@ def build(r: Run, lay: Layout) -> None:
     """from_pretrained (+ 4-bit quantisation), prepare_model_for_kbit_training, get_peft_model."""
     m, t, d = lay.m, lay.t, lay.d
     L, load = m.num_hidden_layers, d.load
-    tensors = param_tensors(m)
+    tensors = lay.inv.params
     embed = next(x for x in tensors if x.kind == "embed")
     nonq = [("embed", embed.numel)]
     r.new("w.embed", embed.numel * load)
@@ -140,7 +139,7 @@ def build(r: Run, lay: Layout) -> None:
                 r.drop("w." + key)
         r.alloc.empty_cache()  # prepare_model_for_kbit_training(auto_clear_cache=True)
     if t.method != "full":
-        adapters = [(f"{i}.{x.name}", x.numel) for i in range(L) for x in lora_tensors(m, t)
+        adapters = [(f"{i}.{x.name}", x.numel) for i in range(L) for x in lay.inv.lora
                     if x.count == L]
         moved = load if t.method == "lora" else d.trainable  # a 4-bit base has no float dtype
         for key, n in adapters:

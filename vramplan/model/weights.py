@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.params import Tensor, layer_linears, lora_tensors, param_tensors
+from vramplan.model.inventory import Inventory, inventory
+from vramplan.model.params import Tensor
 from vramplan.model.terms import Term
 from vramplan.specs import ModelSpec, TrainSpec
 from vramplan.units import ceil_div
@@ -62,24 +63,41 @@ def int8_bytes(n: int, out_features: int) -> tuple[int, int]:
     return n, 4 * out_features
 
 
+def quantized_bytes(x: Tensor, t: TrainSpec, inv: Inventory) -> tuple[int, int]:
+    """(stored weight bytes, quantisation-constant bytes) of one copy of a quantised linear
+    weight under QLoRA: :func:`int8_bytes` or :func:`nf4_bytes` (NF4 and FP4 store alike)."""
+    if t.quant == "int8":
+        return int8_bytes(x.numel, inv.linear_by_name[x.name].out_features)
+    return nf4_bytes(x.numel, t.double_quant)
+
+
+def stored_bytes(x: Tensor, t: TrainSpec, d: Dtypes, inv: Inventory) -> int:
+    """Bytes one tensor (all its copies) is stored in during the step, quantisation constants
+    not included: adapters in the trainable dtype; under QLoRA packed 4-bit / int8 linear weights
+    and every other parameter in the non-quantised dtype; else the load dtype."""
+    if x.kind == "lora":
+        return x.params * d.trainable
+    if t.method == "qlora":
+        if quantized(x):
+            return quantized_bytes(x, t, inv)[0] * x.count
+        return x.params * d.nonquant
+    return x.params * d.load
+
+
 def weight_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """Base weights, quantisation constants and the fp32 upcast of unquantised tensors."""
-    tensors = param_tensors(m)
+    inv = inventory(m, t)
+    tensors = inv.params
     if t.method != "qlora":
         p = sum(x.params for x in tensors)
         return (Term("weights.base", p * d.load, "P * sizeof(load dtype)",
                      "from_pretrained(dtype=...); full+mixed loads fp32 (HF Trainer autocasts)"),)
-    out_features = {lin.name: lin.out_features for lin in layer_linears(m)}
     packed = consts = 0
     for x in tensors:
-        if not quantized(x):
-            continue
-        if t.quant == "int8":
-            w, c = int8_bytes(x.numel, out_features[x.name])
-        else:
-            w, c = nf4_bytes(x.numel, t.double_quant)
-        packed += w * x.count
-        consts += c * x.count
+        if quantized(x):
+            w, c = quantized_bytes(x, t, inv)
+            packed += w * x.count
+            consts += c * x.count
     p_nonq = sum(x.params for x in tensors if not quantized(x))
     bits = "8" if t.quant == "int8" else "4"
     return (
@@ -103,6 +121,6 @@ def adapter_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """
     if t.method == "full":
         return ()
-    p_lora = sum(x.params for x in lora_tensors(m, t))
+    p_lora = sum(x.params for x in inventory(m, t).lora)
     return (Term("weights.lora_adapters", p_lora * d.trainable, "r * (d_in + d_out) * L * 4",
                  "peft LoraLayer.update_layer; cast_adapter_dtype (fp32)"),)
