@@ -53,10 +53,17 @@ def test_nothing_fits_gives_none(calib, search):
     assert max_batch(m, TrainSpec(), g, calib, search=search) is None
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3, 17, 1000, 4096])
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 17, 1000, 4096])
 def test_largest_fitting_is_exact(limit):
-    assert largest_fitting(lambda x: x <= limit, start=8, cap=4096) == limit
-    assert largest_fitting(lambda x: x <= limit, start=1, cap=4096) == limit
+    for start in (1, 8, 5000):
+        assert largest_fitting(lambda x: x <= limit, start=start, cap=4096) == (limit or None)
+
+
+def test_largest_fitting_probes_only_what_the_answer_needs():
+    """A passing start makes the probe at 1 needless (each probe may be an allocator replay)."""
+    probed = []
+    assert largest_fitting(lambda x: probed.append(x) or x <= 100, start=64, cap=4096) == 100
+    assert 1 not in probed and len(probed) == len(set(probed)) <= 9
 
 
 def test_min_gpus_is_the_smallest_count(calib, search):

@@ -200,29 +200,39 @@ def search_total(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any], f
 def largest_fitting(ok: Callable[[int], bool], start: int, cap: int) -> int | None:
     """Largest x in [1, cap] with ok(x), for ok true up to some point and false after it.
 
-    Doubles from `start` until ok fails (or cap), then bisects exactly: ok(x) and not ok(x + 1),
-    unless x == cap. Returns None when ok(1) is false.
+    Probes `start` first and doubles from it until ok fails (or cap), or, when `start` fails,
+    searches below it; then bisects exactly: ok(x) and not ok(x + 1), unless x == cap. Returns
+    None when ok(1) is false. Each probe may cost an allocator replay, so no value is probed
+    that the answer does not need (1 only when everything above it fails).
     """
-    if not ok(1):
-        return None
-    lo, hi = 1, max(2, min(start, cap))
-    while ok(hi):
-        lo = hi
-        if hi == cap:
+    lo = max(1, min(start, cap))
+    if ok(lo):
+        while lo < cap:
+            hi = min(2 * lo, cap)
+            if not ok(hi):
+                break
+            lo = hi
+        else:
             return cap
-        hi = min(2 * hi, cap)
-    while hi - lo > 1:  # invariant: ok(lo), not ok(hi)
+    else:
+        lo, hi = 0, lo  # 0: nothing known to pass yet
+    while hi - lo > 1:  # invariant: ok(lo) (or lo == 0), not ok(hi)
         mid = (lo + hi) // 2
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return lo
+    return lo or None
 
 
 def search_fits(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],
                 field: str, anchor: int, margin: Margin = Margin()) -> bool:
-    """The searches' test: device total (interpolated cache) + margin within the capacity."""
+    """The searches' test: device total (interpolated cache) + margin within the capacity. A
+    setup whose total without the cache already exceeds the capacity fails without a replay (the
+    cache is never negative and the margin never shrinks as the total grows)."""
+    cheap = per_gpu(model, train, calib, allocator=False).device_total_bytes
+    if cheap + margin.of(cheap) > gpu.capacity_bytes:
+        return False
     total = search_total(model, train, calib, field, anchor)
     return total + margin.of(total) <= gpu.capacity_bytes
 
