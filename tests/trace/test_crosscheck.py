@@ -13,22 +13,25 @@ pytest.importorskip("transformers")
 from vramplan.trace.crosscheck import TOLERANCE, run  # noqa: E402
 
 #: (config, method, grad_ckpt, seq_len) -> the analytic engine's error against the trace, as
-#: found (python -m vramplan.trace.crosscheck). Found, not yet explained; where they cluster:
-#: - Mixtral (the MoE block): -3% to +4%;
-#: - Gemma-2 LoRA / QLoRA without checkpointing: +1.4% to +3.3% (an over-count, left after the
-#:   attention soft-capping's saved tanh output was added: before it, -1% to -7%);
-#: - Qwen2 / Phi-3 without checkpointing at seq 512: +1.1%.
+#: found (python -m vramplan.trace.crosscheck). Fixed so far: Gemma-2's soft-capping tanh output;
+#: the first layer's input norm, which saves nothing in LoRA/QLoRA without checkpointing (closed
+#: the Qwen2 / Phi-3 LoRA gaps at seq 512). Found, not yet explained; where they cluster:
+#: - Mixtral (the MoE block): -3% to +4%; per layer the trace holds 4h + 4 bytes per token more
+#:   (an RMSNorm-sized fp32 set) than the analytic ledger;
+#: - Phi-3 QLoRA without checkpointing (fp32 activations after k-bit prep): -1.1% / -1.8%; per
+#:   layer the trace holds an fp32 (b, s, nh, hd) copy (aten::clone), likely the attention
+#:   output made contiguous for o_proj, which the ledger assumes needs no copy;
+#: - Gemma-2 LoRA / QLoRA without checkpointing at seq 512: +2.2% / +2.6% (an over-count).
 KNOWN_GAPS = {
-    ('qwen2-tiny', 'lora', False, 512): 0.0107,
-    ('qwen2-tiny', 'qlora', False, 512): 0.0104,
-    ('phi3-tiny', 'lora', False, 512): 0.0106,
+    ('phi3-tiny', 'qlora', False, 128): -0.0113,
+    ('phi3-tiny', 'qlora', False, 512): -0.0175,
     ('mixtral-tiny', 'lora', True, 128): -0.0297,
-    ('mixtral-tiny', 'lora', False, 128): -0.0208,
+    ('mixtral-tiny', 'lora', False, 128): -0.0245,
+    ('mixtral-tiny', 'lora', False, 512): -0.0132,
     ('mixtral-tiny', 'qlora', True, 128): -0.0227,
     ('mixtral-tiny', 'qlora', True, 512): 0.0419,
-    ('gemma2-tiny', 'lora', False, 128): 0.0143,
-    ('gemma2-tiny', 'lora', False, 512): 0.0288,
-    ('gemma2-tiny', 'qlora', False, 512): 0.0328,
+    ('gemma2-tiny', 'lora', False, 512): 0.0216,
+    ('gemma2-tiny', 'qlora', False, 512): 0.0263,
 }
 
 

@@ -6,7 +6,7 @@ N = b·s tokens per micro-batch. Per-layer bytes come from :mod:`vramplan.model.
 from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.ledger import FP32, LayerCtx, Ledger, layer_ledger
+from vramplan.model.ledger import FP32, LayerCtx, Ledger, frozen_first_input, layer_ledger
 from vramplan.model.inventory import inventory
 from vramplan.model.terms import PHASES, Term
 from vramplan.model.weights import dequant_bytes
@@ -49,13 +49,21 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple[Ter
                    "op-by-op replay; peft LoRA forward keeps result, scaled output and sum",
                    phases=("layer_forward",) if not t.grad_ckpt else RECOMPUTE)
     if not t.grad_ckpt:
+        # the first layer's input norm saves nothing when that input needs no grad
+        first = per_layer - (led.input_norm_bytes if frozen_first_input(t) else 0)
         return (
-            Term("activations.saved_layers", (L - 1) * per_layer * n,
-                 f"(L - 1) * N * {per_layer} (saved bytes/token/layer)",
-                 "arXiv:2205.05198 §4; op-by-op replay of HF decoder layer", phases=ALL_ACT[:-1]),
-            Term("activations.saved_layer_0", per_layer * n, f"N * {per_layer}",
-                 "the first layer's saved set, released last in backward",
-                 phases=AFTER_LAYERS + ("last_layer_backward",)),
+            Term("activations.saved_layer_0", first * n, f"N * {first}",
+                 "the first layer's saved set, released last in backward"
+                 + (" (its input norm saves nothing: a frozen embedding's output needs no "
+                    "grad)" if first != per_layer else ""),
+                 phases=ALL_ACT if L > 1 else AFTER_LAYERS + ("last_layer_backward",)),
+            Term("activations.saved_layers", max(0, L - 2) * per_layer * n,
+                 f"(L - 2) * N * {per_layer} (saved bytes/token/layer)",
+                 "arXiv:2205.05198 §4; op-by-op replay of HF decoder layer: layers 1 to L-2",
+                 phases=ALL_ACT[:-1]),
+            Term("activations.saved_layer_last", per_layer * n if L > 1 else 0,
+                 f"N * {per_layer}", "the last layer's saved set, complete once its forward "
+                 "ends (while it runs: layer_in_flight)", phases=AFTER_LAYERS),
             partial,
         )
     ckpt = m.hidden_size * d.residual * n

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from vramplan.model import weights
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.ledger import FP32, Ledger
+from vramplan.model.ledger import FP32, Ledger, frozen_first_input
 from vramplan.model.inventory import Inventory, inventory
 from vramplan.model.params import Tensor
 from vramplan.specs import ModelSpec, TrainSpec
@@ -40,6 +40,12 @@ class Layout:
     def adapted(self) -> frozenset:
         """The linear names with LoRA adapters."""
         return self.inv.adapted
+
+    @property
+    def first_layer_unsaved(self) -> frozenset:
+        """Saved names the first layer does not save (its input norm's, when its input needs no
+        grad: :func:`vramplan.model.ledger.frozen_first_input`)."""
+        return frozenset(self.led.input_norm) if frozen_first_input(self.t) else frozenset()
 
 
 def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> Layout:

@@ -42,6 +42,14 @@ class Ledger:
     #: ("save", name) a tensor first saved, ("linear", name) a linear called,
     #: ("temp", bytes/token) unsaved outputs alive together for a moment.
     events: list[tuple[str, object]] = field(default_factory=list)
+    #: What the layer's input norm saves (its fp32 input, or the input itself, and rsqrt): the
+    #: first layer does not save it when its input needs no grad (:func:`frozen_first_input`).
+    input_norm: tuple[str, ...] = ()
+
+    @property
+    def input_norm_bytes(self) -> int:
+        """Bytes per token the layer's input norm saves."""
+        return sum(self.saved[name] for name in self.input_norm)
 
     def save(self, t: T) -> None:
         if t.name not in self.saved:
@@ -250,7 +258,9 @@ def layer_ledger(c: LayerCtx) -> Ledger:
     lins = inventory(c.m, c.t).linear_by_name
     x = T("layer_in", c.m.hidden_size, c.d.residual)
     gemma2 = c.m.post_norms
-    a = attention(c, led, rmsnorm(c, led, x, "input_norm"), lins)
+    normed = rmsnorm(c, led, x, "input_norm")
+    led.input_norm = tuple(led.saved)
+    a = attention(c, led, normed, lins)
     if gemma2:
         a = rmsnorm(c, led, a, "post_attn_norm")
     x2 = T("resid_mid", c.m.hidden_size, promote(x.e, a.e))
@@ -277,6 +287,16 @@ def per_token_setup(t: TrainSpec) -> TrainSpec:
             _PER_TOKEN.clear()
         found = _PER_TOKEN[key] = replace(t, seq_len=seq, batch=1)
     return found
+
+
+def frozen_first_input(t: TrainSpec) -> bool:
+    """Whether the first decoder layer's input needs no grad: LoRA/QLoRA (frozen embedding)
+    without gradient checkpointing. Its input norm then saves nothing (no grad flows into it;
+    its weight is frozen). With checkpointing, transformers' ``gradient_checkpointing_enable``
+    and peft's ``prepare_model_for_kbit_training`` call ``enable_input_require_grads``, so the
+    embedding output requires grad. Ref: torch autograd saves only for inputs that need grad;
+    found by the trace engine (tests/trace/test_crosscheck.py)."""
+    return t.method != "full" and not t.grad_ckpt
 
 
 def ledger_for(m: ModelSpec, t: TrainSpec, device: str) -> Ledger:

@@ -160,9 +160,12 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
     live, malloc, transient = r.live, r.alloc.malloc, r.alloc.transient
     members = r.groups.setdefault(group, [])
     cache = r.groups.setdefault("cache", [])
+    unsaved = lay.first_layer_unsaved if i == 0 else ()
     for op in lay.program.forward:
         kind = op[0]
         if kind == "save":
+            if op[1] in unsaved:
+                continue
             key = ("a", i, op[1])
             live[key] = malloc(op[2], key)
             members.append(key)

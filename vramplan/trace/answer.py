@@ -262,7 +262,9 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec, *, device: st
         except (OSError, ValueError):
             data = None
     if data is None:
-        from vramplan.trace.engine import check_model_type
+        from vramplan.trace.engine import check_model_type, check_traceable
+
+        check_traceable(train, device)
 
         check_model_type(cfg)
         layers = int(cfg.get("num_hidden_layers") or 0)

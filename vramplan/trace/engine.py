@@ -79,6 +79,17 @@ class TraceResult:
         return {**self.resident, **self.at_peak}
 
 
+def check_traceable(train: TrainSpec, count_as: str) -> None:
+    """Raise :class:`SpecError` for a setup the trace cannot follow: int8 QLoRA counted as on
+    CUDA (bitsandbytes' CUDA LLM.int8() matmul splits off outlier columns chosen by the
+    activations' values; the CPU path, ``MatMul8bitFp``, has no such split)."""
+    if train.method == "qlora" and train.quant == "int8" and count_as == "cuda":
+        raise SpecError("int8 QLoRA is traced as on CPU only: on CUDA bitsandbytes' LLM.int8() "
+                        "matmul splits off outlier columns chosen by the activations' values "
+                        "(llm_int8_threshold), which fake tensors do not have; use the analytic "
+                        "engine, or nf4/fp4")
+
+
 def check_model_type(cfg: dict[str, Any]) -> None:
     """Raise :class:`SpecError` unless transformers has a built-in config class for the model."""
     from transformers import CONFIG_MAPPING
@@ -109,9 +120,6 @@ def build_fake_model(cfg: dict[str, Any], train: TrainSpec, device: str, mode: A
     from vramplan.measure.build import finish_model, load_streaming
     from vramplan.trace.quant import fake_loading
 
-    if train.method == "qlora" and train.quant == "int8":
-        raise SpecError("the trace engine does not do int8 QLoRA yet (bitsandbytes Int8Params "
-                        "on fake tensors); use nf4 or fp4")
     with fake_loading(mode):
         model = load_streaming(cfg, train, device)
     with mode:
@@ -153,6 +161,7 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
 
     if count_as not in ("cpu", "cuda"):
         raise SpecError(f"count_as must be 'cpu' or 'cuda', got {count_as!r}")
+    check_traceable(train, count_as)
     check_model_type(cfg)
     cfg = with_layers(cfg, layers)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit weights as fake tensors.
+"""bitsandbytes 4-bit and int8 weights as fake tensors.
 
 ``bnb.nn.Params4bit`` is a ``Parameter`` subclass made with ``Tensor._make_subclass``, which cannot
 wrap a FakeTensor (a tensor has one Python type). A traced QLoRA model therefore holds each 4-bit
@@ -12,6 +12,11 @@ bitsandbytes registers for its ``torch.ops.bitsandbytes`` operators: packed weig
 ``uint8 (numel/2, 1)``, absmax per block, and with double quant the uint8 absmax, the fp32
 offset and the nested state (absmax per 256 values, the shared 256-entry dynamic code), exactly
 as a real load holds them.
+
+An LLM.int8() weight (``bnb.nn.Int8Params``, the same ``Parameter``-subclass problem) is made as
+``Int8Params._quantize`` makes it: a float16 copy of the loaded weight, then
+``functional.int8_vectorwise_quant`` (fake kernel: int8 ``CB`` of the weight's shape and fp32
+row scales ``SCB``), the parameter's data being ``CB``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,23 @@ def fake_params4bit(old: Any, dtype: torch.dtype, device: str) -> torch.nn.Param
     return param
 
 
+def fake_int8params(old: Any, dtype: torch.dtype, device: str) -> torch.nn.Parameter:
+    """A quantised int8 weight for the meta ``Int8Params`` ``old`` (call under fake mode), as
+    transformers' ``Bnb8bitQuantize`` and ``Int8Params._quantize`` make it from a ``dtype``
+    weight: the weight, its float16 copy, then CB (int8) and SCB (fp32, one per row); the two
+    float copies are freed."""
+    from bitsandbytes import functional as bnbf
+
+    full = torch.empty(old.shape, dtype=dtype, device=device)
+    half = full.contiguous().to(dtype=torch.float16)
+    cb, scb, _ = bnbf.int8_vectorwise_quant(half)
+    del half, full
+    param = torch.nn.Parameter(cb, requires_grad=False)
+    param.CB, param.SCB = cb, scb
+    param.has_fp16_weights = getattr(old, "has_fp16_weights", False)
+    return param
+
+
 @contextlib.contextmanager
 def fake_loading(mode: Any) -> Iterator[None]:
     """Make :func:`vramplan.measure.build.materialize` run under the fake ``mode`` and create
@@ -64,9 +86,12 @@ def fake_loading(mode: Any) -> Iterator[None]:
 
     def new_param(old: torch.nn.Parameter, device: str, dtype: torch.dtype,
                   target: torch.dtype) -> torch.nn.Parameter:
-        """Fake 4-bit weight for a meta Params4bit; the harness's own path otherwise."""
+        """Fake 4-bit / int8 weight for a meta Params4bit / Int8Params; the harness's own
+        path otherwise."""
         if old.device.type == "meta" and type(old).__name__ == "Params4bit":
             return fake_params4bit(old, dtype, device)
+        if old.device.type == "meta" and type(old).__name__ == "Int8Params":
+            return fake_int8params(old, dtype, device)
         return original(old, device, dtype, target)
 
     build._new_param = new_param
