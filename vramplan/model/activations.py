@@ -204,22 +204,34 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
 def moe_merged_expert_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     """peft ``ParamWrapper`` (target_parameters LoRA on fused experts) parametrises each expert
     stack as ``baddbmm(W, B, A)`` for the forward: a merged copy of every expert weight of the
-    layer, in the parameter dtype, which the expert matmuls save for backward. Without
-    checkpointing every layer's copy lives until its backward; with it, one layer's at a time.
+    layer, in the parameter dtype, which the expert matmuls save for backward; the LoRA factors
+    enter ``baddbmm`` cast to that dtype (``get_delta_factors``: ``lhs.to(param.dtype)``), a copy
+    when the adapters' dtype differs, which ``baddbmm`` saves too. Without checkpointing every
+    layer's copies live until its backward; with it, one layer's at a time.
     Ref: peft ``tuners/lora/layer.py::_LoraFactorsProxy``, ``ParamWrapper._activate_lora``.
     """
-    per_layer = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * d.nonquant
+    per_layer = moe_merged_bytes(m, t, d)
     L = m.num_hidden_layers
     one_phases = ("layer_forward",) + RECOMPUTE + BWD_WORK if t.grad_ckpt else \
         UNTIL_FIRST_BWD + ("last_layer_backward",)
     terms = [Term("activations.moe_merged_experts", per_layer,
-                  "3 * E * I * h * e_param",
+                  "3 * E * I * h * e_param (+ expert LoRA factors * e_param when cast)",
                   "merged W + B·A expert stack of the running layer", phases=one_phases)]
     if not t.grad_ckpt:
         terms.append(Term("activations.moe_merged_experts_rest", (L - 1) * per_layer,
-                          "(L - 1) * 3 * E * I * h * e_param",
+                          "(L - 1) * (3 * E * I * h + cast LoRA factors) * e_param",
                           "merged expert stacks saved by the other layers", phases=UNTIL_FIRST_BWD))
     return tuple(terms)
+
+
+def moe_merged_bytes(m: ModelSpec, t: TrainSpec, d: Dtypes) -> int:
+    """One layer's ParamWrapper copies: the merged expert stacks (3·E·I·h) and, when the adapters'
+    dtype is not the experts', the LoRA factors cast to it (see :func:`moe_merged_expert_terms`)."""
+    merged = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * d.nonquant
+    if d.trainable == d.nonquant:
+        return merged
+    factors = sum(x.numel for x in inventory(m, t).lora if x.name.startswith("experts."))
+    return merged + factors * d.nonquant
 
 
 def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:

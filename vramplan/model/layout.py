@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from vramplan.model import weights
+from vramplan.model.activations import moe_merged_bytes
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.ledger import FP32, Ledger, frozen_first_input
 from vramplan.model.inventory import Inventory, inventory
@@ -95,10 +96,9 @@ def dequant_bytes(lay: Layout, name: str) -> int:
 def merged_experts_bytes(lay: Layout) -> int:
     """peft ParamWrapper's merged W + B·A copy of a layer's expert stacks (see
     :func:`activations.moe_merged_expert_terms`); 0 unless LoRA all-linear on an MoE."""
-    m, t = lay.m, lay.t
-    if not m.is_moe or not lay.inv.all_linear:
+    if not lay.m.is_moe or not lay.inv.all_linear:
         return 0
-    return 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * lay.d.nonquant
+    return moe_merged_bytes(lay.m, lay.t, lay.d)
 
 
 def other_grads(lay: Layout) -> list[tuple[str, int]]:
