@@ -137,7 +137,10 @@ def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
         terms.append(Term("activations.attention_masks", masks * t.batch * s * s * d.nonquant,
                           f"{masks} * b * s^2 * e_emb", "transformers masking_utils eager "
                           "masks (additive, in the embedding dtype), one per mask kind, "
-                          "shared by all layers", phases=ALL_ACT))
+                          "shared by all layers; nothing saves them (the score + mask add "
+                          "saves no operand), so they die with the model's forward, unless "
+                          "gradient checkpointing keeps them as the layers' inputs",
+                          phases=ALL_ACT if t.grad_ckpt else ("layer_forward",)))
     if t.method == "full":
         e_in = d.compute if d.autocast else d.load
         terms.append(Term("activations.lm_head_input", h * e_in * n, "N * h * e",

@@ -164,7 +164,9 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     (transformers ``use_gqa_in_sdpa`` with no mask); eager repeats k/v and saves the fp32 softmax
     and its cast copy (nh·s each), and with attention soft-capping (Gemma-2) tanh's output. The SDPA
     output already has (b, s, nh, hd) strides, so HF's
-    ``transpose(1, 2).contiguous()`` before o_proj makes no copy.
+    ``transpose(1, 2).contiguous()`` before o_proj makes no copy. Eager's ``matmul(probs, v)``
+    saves no output: its (b, s, nh, hd) copy is o_proj's input, kept only if o_proj saves its
+    input (found by the engines' cross-check on Gemma-2).
     """
     m, d = c.m, c.d
     if m.fused_qkv:
@@ -197,8 +199,11 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
         led.save(T("attn_lse", m.num_attention_heads, FP32))
     for t in (q, k, v):
         led.save(t)
-    out = T("attn_out", m.q_dim, e)  # SDPA returns (b, s, nh, hd) strides: .contiguous() is free
-    led.save(out)
+    out = T("attn_out", m.q_dim, e)
+    if c.t.attn == "eager":  # matmul output and its .contiguous() copy, for a moment together
+        led.in_flight(2 * m.q_dim * e, (m.q_dim * e, m.q_dim * e))
+    else:  # SDPA returns (b, s, nh, hd) strides: .contiguous() is free, and SDPA saves it
+        led.save(out)
     return linear(c, led, out, lins["o_proj"])
 
 

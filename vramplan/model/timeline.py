@@ -283,6 +283,8 @@ def micro_step(r: Run, lay: Layout, first: bool, workspace: int) -> None:
             r.new(f"mask.{k}", t.batch * s * s * d.nonquant)
     for i in range(L):
         forward_layer(r, lay, i, recompute=False)
+    if not t.grad_ckpt:  # the masks die with the model's forward (checkpoints keep them)
+        r.drop("mask.0", "mask.1")
     r.phase = "loss"
     loss_forward(r, lay)
     r.phase = "backward"
