@@ -68,8 +68,10 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple[Ter
         )
     ckpt = m.hidden_size * d.residual * n
     # An fp32 layer input is saved by input_layernorm as itself: it is the checkpoint already.
-    recomputed = per_layer - led.saved.get("layer_in", 0)
-    return (
+    # What only int8 matmuls keep is not recomputed: the forward's own copies stay (int8_inputs).
+    recomputed = per_layer - led.saved.get("layer_in", 0) - led.held_only_bytes
+    held = sum(led.held.values())
+    return (*int8_held_terms(held, n, L), *(
         Term("activations.checkpoints", (L - 1) * ckpt, "(L - 1) * N * h * e_res",
              "transformers GradientCheckpointingLayer; torch.utils.checkpoint (non-reentrant)",
              phases=UNTIL_FIRST_BWD),
@@ -85,6 +87,21 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple[Ter
              f"N * {recomputed} (one layer, minus its checkpoint)",
              "torch.utils.checkpoint recomputes one layer's saved set in backward",
              phases=BWD_WORK),
+    ))
+
+
+def int8_held_terms(held: int, n: int, L: int) -> tuple[Term, ...]:
+    """Under checkpointing, the inputs every layer's int8 matmuls keep as ``ctx`` attributes
+    (``held`` bytes per token per layer, see :func:`vramplan.model.ledger.linear`): the
+    forward's own tensors, alive like the checkpoints until each layer's backward."""
+    if not held:
+        return ()
+    return (
+        Term("activations.int8_inputs", (L - 1) * held * n, f"(L - 1) * N * {held}",
+             "bitsandbytes MatMul8bitLt / MatMul8bitFp keep their input as a ctx attribute, "
+             "out of checkpointing's reach", phases=UNTIL_FIRST_BWD),
+        Term("activations.int8_inputs_0", held * n, f"N * {held}",
+             "the first layer's int8 matmul inputs, released last in backward", phases=ALL_ACT),
     )
 
 

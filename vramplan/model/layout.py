@@ -43,6 +43,12 @@ class Layout:
         return self.inv.adapted
 
     @property
+    def held(self) -> frozenset:
+        """Saved names an int8 matmul also keeps (a ctx attribute): under checkpointing the
+        forward's own tensors stay until the layer's backward."""
+        return frozenset(self.led.held) if self.t.grad_ckpt else frozenset()
+
+    @property
     def first_layer_unsaved(self) -> frozenset:
         """Saved names the first layer does not save (its input norm's, when its input needs no
         grad: :func:`vramplan.model.ledger.frozen_first_input`)."""

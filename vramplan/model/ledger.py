@@ -45,6 +45,15 @@ class Ledger:
     #: What the layer's input norm saves (its fp32 input, or the input itself, and rsqrt): the
     #: first layer does not save it when its input needs no grad (:func:`frozen_first_input`).
     input_norm: tuple[str, ...] = ()
+    #: Inputs the int8 matmuls keep as a ``ctx`` attribute (bytes per token), which gradient
+    #: checkpointing does not drop; ``held_only``: those nothing else saves.
+    held: dict[str, int] = field(default_factory=dict)
+    held_only: set[str] = field(default_factory=set)
+
+    @property
+    def held_only_bytes(self) -> int:
+        """Bytes per token saved only because an int8 matmul keeps them."""
+        return sum(self.held[name] for name in self.held_only)
 
     @property
     def input_norm_bytes(self) -> int:
@@ -101,7 +110,11 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
       PR #1270); Linear4bit returns ``.to(inp_dtype)``;
     - LoRA: peft casts x to the adapter dtype (always in ``lora/layer.py::Linear``; only without
       autocast in ``lora/bnb.py::Linear4bit``), applies dropout (saving its mask), lora_A saves its
-      input, lora_B saves lora_A's output (r per token).
+      input, lora_B saves lora_A's output (r per token);
+    - bnb Linear8bitLt (int8 QLoRA) keeps its input as a ``ctx`` attribute, not through
+      ``save_for_backward`` (``MatMul8bitLt``: ``ctx.tensors = (CAt, subA, A)`` when an input needs
+      grad; ``MatMul8bitFp``, its CPU training path: ``ctx.A = A``), so gradient checkpointing
+      does not drop it (found by the trace engine).
     """
     d = c.d
     led.events.append(("linear", lin.name))
@@ -115,6 +128,11 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
     width = lin.out_features
     if c.adapted(lin):
         lora_branch(c, led, x, lin)
+    if c.base == "4bit" and c.t.quant == "int8":
+        led.held[x.name] = x.width * x.e
+        if x.name not in led.saved:
+            led.held_only.add(x.name)
+            led.save(x)
     live_input = 0 if x.name in led.saved else x.width * x.e  # the caller still holds x
     if c.adapted(lin):
         # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum

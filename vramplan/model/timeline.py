@@ -161,11 +161,20 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
     members = r.groups.setdefault(group, [])
     cache = r.groups.setdefault("cache", [])
     unsaved = lay.first_layer_unsaved if i == 0 else ()
+    held = lay.held
     for op in lay.program.forward:
         kind = op[0]
         if kind == "save":
             if op[1] in unsaved:
                 continue
+            if op[1] in held:
+                if recompute:  # only the recomputed graph would keep it: gone at once
+                    if op[1] in lay.led.held_only:
+                        r.alloc.transient(op[2], op[1])
+                        continue
+                else:  # kept by the int8 matmul's ctx, out of checkpointing's reach
+                    r.new(("held", i, op[1]), op[2])
+                    continue
             key = ("a", i, op[1])
             live[key] = malloc(op[2], key)
             members.append(key)
@@ -220,7 +229,7 @@ def backward_layer(r: Run, lay: Layout, i: int) -> None:
             r.new(("g.mlp", i), max(0, 2 * width * e - lay.led.down_input_bytes) * n)
     for name, numel in other_grads(lay):
         r.grad(("grad", i, name), numel * d.trainable)
-    r.drop(("g.mlp", i), ("g.prod", i), ("merged", i))
+    r.drop(("g.mlp", i), ("g.prod", i), ("merged", i), *(("held", i, k) for k in lay.held))
     r.new(("g.x", i), m.hidden_size * d.residual * n)
     r.drop(("g.x", i + 1), ("g.res", i), ("x", i + 1))
 
