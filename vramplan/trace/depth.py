@@ -66,6 +66,7 @@ def trace_steady(cfg: dict[str, Any], train: TrainSpec, *, layers: tuple[int, in
     where the trace is the answer)."""
     a, b = layers
     period = b - a
+    kwargs.setdefault("light_warmup", True)  # extrapolated: peak allocated only, no reserved
     ta = trace_step(cfg, train, layers=a, **kwargs)
     tb = trace_step(cfg, train, layers=b, **kwargs)
     while b + period <= target:

@@ -140,7 +140,7 @@ def fake_buffers(model: Any) -> None:
 
 def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = None,
                device: str = "cpu", warmup: int = 1, count_as: str = "cpu",
-               workspace_bytes: int = 0) -> TraceResult:
+               workspace_bytes: int = 0, light_warmup: bool = False) -> TraceResult:
     """Trace one training step of ``cfg`` (an HF config.json dict) under ``train``.
 
     ``layers`` overrides ``num_hidden_layers`` (see :func:`vramplan.trace.depth.trace_depth` for
@@ -152,6 +152,11 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     (``torch.cuda.max_memory_allocated``: :mod:`vramplan.trace.cuda`'s block rounding, bool
     dropout masks, paged states in managed memory, and two cuBLAS workspaces of
     ``workspace_bytes`` together, made at the warm-up's first forward and backward matmuls).
+
+    ``light_warmup`` runs each warm-up step as a forward and an optimizer step on zero gradients
+    (:func:`run_light_warmup`): what the measured step finds (optimizer states, workspaces, the
+    first forward's casts) is the same, at about half the cost, but the order of the warm-up's
+    allocations is not, so no reserved level is computed (``levels`` is None).
     """
     import torch
 
@@ -171,9 +176,10 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     mode = fake_mode()
     cuda = count_as == "cuda"
     count = cuda_bytes if cuda else None
-    build_rec = Recorder(count=count, fake_only=True) if cuda else None  # the reserved level replays the build
+    # the reserved level replays the build
+    build_rec = Recorder(count=count, fake_only=True) if cuda and not light_warmup else None
     with build_rec or contextlib.nullcontext(), \
-            kbit_prep_clears_cache(build_rec) if cuda else contextlib.nullcontext():
+            kbit_prep_clears_cache(build_rec) if build_rec else contextlib.nullcontext():
         model = build_fake_model(cfg, train, device, mode)
     build = None
     if build_rec is not None:
@@ -198,7 +204,10 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
                 untraced_transformers(), foreach_sees_fake(), SmallReal(), rec:
             for step in range(warmup + 1):
                 rec.start_step(step)
-                run_step(model, opt, ids, train, device, rec, tags, runtime)
+                if light_warmup and step < warmup:
+                    run_light_warmup(model, opt, ids, train, device, rec, tags, runtime)
+                else:
+                    run_step(model, opt, ids, train, device, rec, tags, runtime)
         # a parameter whose data the step replaced (a bias cast by Linear4bit) is a weight
         tag_storages(rec, tags, list(model.parameters()), "recast_weights")
         rec.detach()
@@ -300,6 +309,35 @@ def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec:
     if train.max_grad_norm > 0:
         grads = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(grads, train.max_grad_norm)
+    opt.step()
+    tag_storages(rec, tags, [t for s in opt.state.values() for t in s.values()],
+                 "optimizer_states")
+    opt.zero_grad(set_to_none=True)
+
+
+def run_light_warmup(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str,
+                     rec: Recorder, tags: dict[int, str], runtime: Runtime) -> None:
+    """A warm-up step that leaves what :func:`run_step` leaves for the measured step at about
+    half its cost: one forward (the first forward's casts and the forward workspace), the
+    backward's workspace, zero gradients in each trainable parameter's own dtype (as
+    AccumulateGrad makes them), the optimizer step (its states) and ``zero_grad``."""
+    import torch
+
+    from vramplan.measure.steps import forward_context
+
+    rec.start_phase("forward")
+    runtime.first_matmul("forward")
+    tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
+    with forward_context(train, device):
+        out = model(input_ids=ids, labels=ids)
+        del out
+    rec.start_phase("backward")
+    runtime.first_matmul("backward")
+    tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    rec.start_phase("optimizer")
     opt.step()
     tag_storages(rec, tags, [t for s in opt.state.values() for t in s.values()],
                  "optimizer_states")
