@@ -34,8 +34,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # soft-capped attention: transformers 5.x refuses SDPA; every other layer slides.
     "gemma2": {"tie_default": True, "scaled_embeddings": True, "norm_style": "gemma",
                "post_norms": True, "sdpa": False, "sliding": True},
-    # Phi3Attention: one qkv_proj; Phi3MLP: one gate_up_proj.
-    "phi3": {"tie_default": False, "fused_qkv": True, "fused_gate_up": True},
+    # Phi3Attention: one qkv_proj; Phi3MLP: one gate_up_proj; apply_rotary_pos_emb concatenates
+    # the rotated and passed-through parts (torch.cat), a fresh (b, nh, s, hd) tensor.
+    "phi3": {"tie_default": False, "fused_qkv": True, "fused_gate_up": True, "rope_cat": True},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 _REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -125,6 +126,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str) -> ModelSpec:
             mlp_bias=bool(config.get("mlp_bias", False)),
             fused_qkv=fam.get("fused_qkv", False),
             fused_gate_up=fam.get("fused_gate_up", False),
+            rope_cat=fam.get("rope_cat", False),
             norms_per_layer=4 if fam.get("post_norms") else 2,
             post_norms=fam.get("post_norms", False),
             norm_style=fam.get("norm_style", "llama"),

@@ -55,6 +55,7 @@ class ModelSpec:
     mlp_bias: bool = False
     fused_qkv: bool = False  # one qkv_proj (phi3)
     fused_gate_up: bool = False  # one gate_up_proj (phi3)
+    rope_cat: bool = False  # RoPE output made by torch.cat (phi3's partial-rotary form)
     norms_per_layer: int = 2  # gemma2 has 4 (post_norms)
     post_norms: bool = False  # gemma2: post-attention and post-feedforward norms too
     norm_style: str = "llama"  # "gemma": fp32 norm returning the input dtype (type_as(x))

@@ -24,6 +24,9 @@ class Dtypes:
     trainable: int  # trainable parameters, their gradients and torch AdamW states
     residual: int  # the hidden-state stream between blocks
     bool_dropout_mask: bool  # CUDA native_dropout keeps a bool mask; the CPU kernel one in x's dtype
+    #: the CPU flash-attention kernel writes its output in the query's memory layout; the CUDA
+    #: kernels write (b, s, nh, hd) (see ledger.attention)
+    sdpa_follows_query: bool = False
 
 
 def dtypes_for(train: TrainSpec, device: str = "cuda") -> Dtypes:
@@ -49,4 +52,5 @@ def dtypes_for(train: TrainSpec, device: str = "cuda") -> Dtypes:
     residual = nonquant
     compute = 2 if autocast else load
     return Dtypes(autocast=autocast, compute=compute, load=load, nonquant=nonquant,
-                  trainable=trainable, residual=residual, bool_dropout_mask=device == "cuda")
+                  trainable=trainable, residual=residual, bool_dropout_mask=device == "cuda",
+                  sdpa_follows_query=device == "cpu")

@@ -182,7 +182,9 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
     (transformers ``use_gqa_in_sdpa`` with no mask); eager repeats k/v and saves the fp32 softmax
     and its cast copy (nh·s each), and with attention soft-capping (Gemma-2) tanh's output. The SDPA
     output already has (b, s, nh, hd) strides, so HF's
-    ``transpose(1, 2).contiguous()`` before o_proj makes no copy. Eager's ``matmul(probs, v)``
+    ``transpose(1, 2).contiguous()`` before o_proj makes no copy, except on CPU when RoPE made q
+    with ``torch.cat`` (Phi-3): the CPU flash kernel then writes (b, nh, s, hd) and o_proj's input
+    is a copy (found by the engines' cross-check). Eager's ``matmul(probs, v)``
     saves no output: its (b, s, nh, hd) copy is o_proj's input, kept only if o_proj saves its
     input (found by the engines' cross-check on Gemma-2).
     """
@@ -222,6 +224,8 @@ def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
         led.in_flight(2 * m.q_dim * e, (m.q_dim * e, m.q_dim * e))
     else:  # SDPA returns (b, s, nh, hd) strides: .contiguous() is free, and SDPA saves it
         led.save(out)
+        if m.rope_cat and d.sdpa_follows_query:
+            out = T("attn_out_copy", m.q_dim, e)
     return linear(c, led, out, lins["o_proj"])
 
 
