@@ -177,12 +177,14 @@ def _cache_bytes(s: Estimate) -> int:
 
 
 def search_total(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any], field: str,
-                 anchor: int) -> int:
-    """Per-GPU device total for the searches: analytic levels without a replay, plus the
-    allocator cache replayed at ``anchor`` (the user's value) and at powers of two of ``field``,
-    linearly interpolated between the nearest of them (replays are memoised)."""
+                 anchor: int, cheap: int | None = None) -> int:
+    """Per-GPU device total for the searches: analytic levels without a replay (``cheap``, when
+    the caller has it), plus the allocator cache replayed at ``anchor`` (the user's value) and at
+    powers of two of ``field``, linearly interpolated between the nearest of them (replays are
+    memoised)."""
     v = getattr(train, field)
-    cheap = per_gpu(model, train, calib, allocator=False).device_total_bytes
+    if cheap is None:
+        cheap = per_gpu(model, train, calib, allocator=False).device_total_bytes
     lo, hi = 1 << (v.bit_length() - 1), 1 << v.bit_length()
     if lo == v:
         hi = v
@@ -233,7 +235,7 @@ def search_fits(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping
     cheap = per_gpu(model, train, calib, allocator=False).device_total_bytes
     if cheap + margin.of(cheap) > gpu.capacity_bytes:
         return False
-    total = search_total(model, train, calib, field, anchor)
+    total = search_total(model, train, calib, field, anchor, cheap)
     return total + margin.of(total) <= gpu.capacity_bytes
 
 

@@ -296,11 +296,8 @@ def run_traced_fit(args: argparse.Namespace, name: str, cfg: dict, margin) -> in
     train = traced_setup(args, "fit")
     gpus, calib = select_gpus(args.gpus), load_calibration(args.calibration)
     a = traced(args, name, cfg, train, calib)
-    outside = a.device_total_bytes - a.peak_reserved_bytes if a.device_total_bytes is not None \
-        else trace_engine_outside(calib)
     fits, answer = traced_plan(name, train, gpus, calib, margin, catalog=args.gpus == "all",
-                               allocated=a.peak_allocated_bytes, outside=outside,
-                               device_total=a.device_total_bytes, largest=a.largest_alloc_bytes)
+                               **a.verdict_levels(calib))
     if args.json:
         print(json.dumps({"answer": answer, "engine": "trace", "setup": train.as_dict(),
                           "margin": {"bytes": margin.nbytes, "fraction": margin.fraction},
@@ -312,13 +309,6 @@ def run_traced_fit(args: argparse.Namespace, name: str, cfg: dict, margin) -> in
     print()
     print(render_trace_text(a))
     return 0
-
-
-def trace_engine_outside(calib) -> int:
-    """CUDA memory outside the caching allocator, as the trace engine adds it."""
-    from vramplan.cli.common import trace_engine
-
-    return trace_engine().non_allocator_bytes(calib)
 
 
 def dataset_rows(p, model, train, calib, lengths: dict[int, int], epochs: float) -> list[dict]:
@@ -395,9 +385,7 @@ def traced_row(args: argparse.Namespace, name: str, cfg: dict, train, methods, c
     for method in methods:
         a = traced(args, name, cfg, replace(train, method=method), calib)
         params[method] = a.params_total
-        levels[method] = {"allocated": a.peak_allocated_bytes, "device_total": a.device_total_bytes,
-                          "outside": a.device_total_bytes - a.peak_reserved_bytes,
-                          "largest": a.largest_alloc_bytes}
+        levels[method] = a.verdict_levels(calib)
     return TracedModel(name, params, levels)
 
 

@@ -6,8 +6,8 @@ N = b·s tokens per micro-batch. Per-layer bytes come from :mod:`vramplan.model.
 from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.ledger import FP32, LayerCtx, Ledger, frozen_first_input, layer_ledger
 from vramplan.model.inventory import inventory
+from vramplan.model.ledger import FP32, LayerCtx, Ledger, frozen_first_input, layer_ledger
 from vramplan.model.terms import PHASES, Term
 from vramplan.model.weights import dequant_bytes
 from vramplan.specs import ModelSpec, TrainSpec

@@ -4,8 +4,10 @@ What a model holds under a setup, listed once: one decoder layer's ``nn.Linear``
 targets resolved from the setup's target string, every base parameter tensor
 (:func:`vramplan.model.params.param_tensors`), the adapters
 (:func:`vramplan.model.params.lora_tensors`), which of them train, and the counts. The weight,
-gradient, optimizer, activation, sharding, replay and step-time models read it instead of listing
-tensors again; how many bytes a tensor is stored in is :func:`vramplan.model.weights.stored_bytes`.
+gradient, optimizer, activation, sharding and replay models read it instead of listing tensors
+again (the step-time model needs only the model's own tensors: the memoised
+:func:`~vramplan.model.params.param_tensors`); how many bytes a tensor is stored in is
+:func:`vramplan.model.weights.stored_bytes`.
 
 Only the model and the setup's method, rank and targets decide it, so a sweep over sequence
 length, batch, precision or optimizer shares one inventory.
@@ -80,6 +82,6 @@ def _build(m: ModelSpec, t: TrainSpec) -> Inventory:
     linears = layer_linears(m)
     by_name = {lin.name: lin for lin in linears}
     lora = lora_tensors(m, t)
-    adapted = frozenset(x.name.rsplit(".", 1)[0] for x in lora) & by_name.keys()
+    adapted = frozenset(x.name.rsplit(".", 1)[0] for x in lora).intersection(by_name)
     return Inventory(t.method, linears, t.target_modules() if t.method != "full" else None,
-                     param_tensors(m), lora, by_name, frozenset(adapted))
+                     param_tensors(m), lora, by_name, adapted)

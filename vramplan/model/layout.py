@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 from vramplan.model import weights
 from vramplan.model.activations import moe_merged_bytes
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.ledger import FP32, Ledger, frozen_first_input
 from vramplan.model.inventory import Inventory, inventory
+from vramplan.model.ledger import FP32, Ledger, frozen_first_input
 from vramplan.model.params import Tensor
 from vramplan.specs import ModelSpec, TrainSpec
 

@@ -262,17 +262,19 @@ def aligned(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 #: The `fit` table's columns a traced step fills (verdict and headroom at its own setup).
 TRACED_COLUMNS = 5
+#: What the `fit` table's "usable GiB" and "verdict" columns mean, whichever engine filled them.
+VERDICT_NOTE = ("usable GiB: what CUDA lets a process allocate (below nvidia-smi's total). "
+                "verdict: tight = may run, but the headroom is below the step's largest single "
+                "allocation, the model's error on measured runs or --margin.")
 
 
 def render_traced_fit_text(answer: str, fits: Sequence[GpuFit]) -> str:
     """`fit --engine trace`: the answer and each GPU's verdict and headroom at the traced setup."""
     head, rows = gpu_rows(fits)
     lines = [answer, "", *aligned(head[:TRACED_COLUMNS], [r[:TRACED_COLUMNS] for r in rows])]
-    lines += ["", "usable GiB: what CUDA lets a process allocate (below nvidia-smi's total). "
-              "verdict: tight = may run, but the headroom is below the step's largest single "
-              "allocation, the model's error on measured runs or --margin. The trace answers "
-              "for its own --seq-len and --batch on one GPU: max seq/batch, GPU counts with "
-              "sharding, and time and cost need the analytic engine (families it knows)."]
+    lines += ["", VERDICT_NOTE + " The trace answers for its own --seq-len and --batch on one "
+              "GPU: max seq/batch, GPU counts with sharding, and time and cost need the analytic "
+              "engine (families it knows)."]
     return "\n".join(lines)
 
 
@@ -287,9 +289,7 @@ def render_fit_text(p: Plan, max_gpus: int = 64, tokens: float | None = None) ->
               "the model's constants were fitted on this GPU's own step times; ESTIMATE = scaled "
               "from another GPU's fit by datasheet TFLOPS and bandwidth. price = indicative "
               "on-demand list price per GPU-hour (- = no price in the catalog).",
-              "usable GiB: what CUDA lets a process allocate (below nvidia-smi's total). verdict: "
-              "tight = may run, but the headroom is below the step's largest single allocation, "
-              "the model's error on measured runs or --margin.",
+              VERDICT_NOTE,
               "max seq / max batch: largest value within the usable memory with everything else "
               "fixed (1-token / 1-sequence resolution; allocator cache interpolated between "
               "replays at powers of two)"

@@ -10,5 +10,6 @@ cheap and ``vramplan`` / ``vramplan.model`` never load torch through it):
   :func:`~vramplan.trace.recorder.peaks`, :func:`~vramplan.trace.recorder.live_at`
 
 Not traced: int8 QLoRA counted as on CUDA (its LLM.int8() outlier split has a data-dependent
-shape; counted as on CPU it is traced) and fake CUDA devices (``torch.autocast("cuda")`` disables itself on a CPU-only build).
+shape; counted as on CPU it is traced) and fake CUDA devices (``torch.autocast("cuda")``
+disables itself on a CPU-only build).
 """

@@ -78,6 +78,16 @@ class TraceAnswer:
     device_total_bytes: int | None = None
     largest_alloc_bytes: int = 0  # the measured step's largest single storage
 
+    def verdict_levels(self, calib: dict[str, Any]) -> dict[str, Any]:
+        """The keywords of :func:`vramplan.planner.level_verdict`: peak allocated, the memory
+        outside the allocator (the device total's share, or the calibrated constant when the
+        trace has no device total), the device total (None at extrapolated depth) and the
+        largest single allocation."""
+        outside = self.device_total_bytes - self.peak_reserved_bytes \
+            if self.device_total_bytes is not None else non_allocator_bytes(calib)
+        return {"allocated": self.peak_allocated_bytes, "outside": outside,
+                "device_total": self.device_total_bytes, "largest": self.largest_alloc_bytes}
+
     def as_json(self) -> dict[str, Any]:
         """The JSON contract's shape: the analytic keys where the trace has them, null where not."""
         return {"model": self.model, "engine": "trace", "model_type": self.model_type,
@@ -265,7 +275,6 @@ def trace_answer(name: str, cfg: dict[str, Any], train: TrainSpec, *, device: st
         from vramplan.trace.engine import check_model_type, check_traceable
 
         check_traceable(train, device)
-
         check_model_type(cfg)
         layers = int(cfg.get("num_hidden_layers") or 0)
         plan = depth_plan(cfg) if depth == "auto" else None

@@ -154,7 +154,7 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
     ``workspace_bytes`` together, made at the warm-up's first forward and backward matmuls).
 
     ``light_warmup`` runs each warm-up step as a forward and an optimizer step on zero gradients
-    (:func:`run_light_warmup`): what the measured step finds (optimizer states, workspaces, the
+    (:func:`run_step`'s ``light``): what the measured step finds (optimizer states, workspaces, the
     first forward's casts) is the same, at about half the cost, but the order of the warm-up's
     allocations is not, so no reserved level is computed (``levels`` is None).
     """
@@ -204,10 +204,8 @@ def trace_step(cfg: dict[str, Any], train: TrainSpec, *, layers: int | None = No
                 untraced_transformers(), foreach_sees_fake(), SmallReal(), rec:
             for step in range(warmup + 1):
                 rec.start_step(step)
-                if light_warmup and step < warmup:
-                    run_light_warmup(model, opt, ids, train, device, rec, tags, runtime)
-                else:
-                    run_step(model, opt, ids, train, device, rec, tags, runtime)
+                run_step(model, opt, ids, train, device, rec, tags, runtime,
+                         light=light_warmup and step < warmup)
         # a parameter whose data the step replaced (a bias cast by Linear4bit) is a weight
         tag_storages(rec, tags, list(model.parameters()), "recast_weights")
         rec.detach()
@@ -279,16 +277,22 @@ class Runtime:
 
 
 def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec: Recorder,
-             tags: dict[int, str], runtime: Runtime | None = None) -> None:
+             tags: dict[int, str], runtime: Runtime | None = None, light: bool = False) -> None:
     """One optimizer step as :func:`vramplan.measure.steps.one_step` runs it (minus reading the
-    loss value, which fake tensors do not have); tags gradient and optimizer-state storages."""
+    loss value, which fake tensors do not have); tags gradient and optimizer-state storages.
+
+    ``light`` (a warm-up whose allocation order nobody replays) leaves the same for the next step
+    at about half the cost: one forward (the first forward's casts and the forward workspace),
+    the backward's workspace, zero gradients in each trainable parameter's own dtype (as
+    AccumulateGrad makes them) instead of a backward, no clipping, the optimizer step (its
+    states) and ``zero_grad``."""
     import torch
 
     from vramplan.measure.steps import forward_context
 
     runtime = runtime or Runtime(0)
     held: dict[str, Any] = {}
-    for _ in range(train.grad_accum):
+    for _ in range(1 if light else train.grad_accum):
         rec.start_phase("forward")
         runtime.first_matmul("forward")
         tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
@@ -301,43 +305,20 @@ def run_step(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str, rec:
         rec.start_phase("backward")
         runtime.first_matmul("backward")
         tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
-        (loss / train.grad_accum).backward()
-        del loss
+        if light:
+            del loss
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        else:
+            (loss / train.grad_accum).backward()
+            del loss
     tag_storages(rec, tags, [p.grad for p in model.parameters() if p.grad is not None],
                  "gradients")
     rec.start_phase("optimizer")
-    if train.max_grad_norm > 0:
+    if train.max_grad_norm > 0 and not light:
         grads = [p for p in model.parameters() if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(grads, train.max_grad_norm)
-    opt.step()
-    tag_storages(rec, tags, [t for s in opt.state.values() for t in s.values()],
-                 "optimizer_states")
-    opt.zero_grad(set_to_none=True)
-
-
-def run_light_warmup(model: Any, opt: Any, ids: Any, train: TrainSpec, device: str,
-                     rec: Recorder, tags: dict[int, str], runtime: Runtime) -> None:
-    """A warm-up step that leaves what :func:`run_step` leaves for the measured step at about
-    half its cost: one forward (the first forward's casts and the forward workspace), the
-    backward's workspace, zero gradients in each trainable parameter's own dtype (as
-    AccumulateGrad makes them), the optimizer step (its states) and ``zero_grad``."""
-    import torch
-
-    from vramplan.measure.steps import forward_context
-
-    rec.start_phase("forward")
-    runtime.first_matmul("forward")
-    tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
-    with forward_context(train, device):
-        out = model(input_ids=ids, labels=ids)
-        del out
-    rec.start_phase("backward")
-    runtime.first_matmul("backward")
-    tag_storages(rec, tags, list(runtime.held.values()), "cublas_workspace")
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    rec.start_phase("optimizer")
     opt.step()
     tag_storages(rec, tags, [t for s in opt.state.values() for t in s.values()],
                  "optimizer_states")
