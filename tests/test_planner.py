@@ -243,3 +243,17 @@ def test_a_traced_device_total_gets_the_analytic_verdict_rules(calib):
     fits, _ = traced_plan("m", TrainSpec(), [gpu], calib, device_total=snug,
                           **{**levels, "allocated": snug - 2**30})
     assert fits[0].verdict.word == TIGHT
+
+
+def test_a_setup_asked_again_is_not_estimated_again_but_another_calibration_is(calib, monkeypatch):
+    import vramplan.planner as planner
+    calls = []
+    real = planner.estimate
+    monkeypatch.setattr(planner, "estimate", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    m, t = load_model("llama-3.2-1b"), TrainSpec(seq_len=333)
+    first = planner.per_gpu(m, t, calib)
+    assert planner.per_gpu(m, t, calib) is first and len(calls) == 1
+    other = {**calib, "non_allocator": {**calib["non_allocator"],
+                                        "bytes": calib["non_allocator"]["bytes"] + 2**20}}
+    assert planner.per_gpu(m, t, other).device_total_bytes == first.device_total_bytes + 2**20
+    assert len(calls) == 2

@@ -160,10 +160,26 @@ class Plan:
     answer: str
 
 
+#: per_gpu's memo: (model, setup, allocator, id(calib)) -> (calib, estimate). A plan asks the same
+#: setup many times (every GPU's count scan probes the same N; searches meet again at their
+#: nodes). The calibration is compared by identity, as the mapping itself is not hashable.
+_PER_GPU: dict[tuple[ModelSpec, TrainSpec, bool, int], tuple[Mapping[str, Any], Estimate]] = {}
+PER_GPU_MEMO = 4096
+
+
 def per_gpu(model: ModelSpec, train: TrainSpec, calib: Mapping[str, Any],
             allocator: bool = True) -> Estimate:
-    """Per-GPU estimate of a setup with its own sharding (identity for shard none)."""
-    return shard_estimate(estimate(model, train, calib, allocator=allocator), train, calib)
+    """Per-GPU estimate of a setup with its own sharding (identity for shard none), memoised
+    per model, setup and calibration object."""
+    key = (model, train, allocator, id(calib))
+    hit = _PER_GPU.get(key)
+    if hit is not None and hit[0] is calib:
+        return hit[1]
+    if len(_PER_GPU) >= PER_GPU_MEMO:
+        _PER_GPU.clear()
+    s = shard_estimate(estimate(model, train, calib, allocator=allocator), train, calib)
+    _PER_GPU[key] = (calib, s)
+    return s
 
 
 def fits_on(model: ModelSpec, train: TrainSpec, gpu: GpuSpec, calib: Mapping[str, Any],

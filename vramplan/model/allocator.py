@@ -65,21 +65,28 @@ class Block:
         self.prev, self.next = prev, nxt
 
 
+#: A free block's sort key is one int, ``size << ADDR_BITS | addr``: ordered as the allocator's
+#: (size, ptr) pairs, and cheaper to bisect than tuples (addresses stay below 2**56 here: segments
+#: are laid out from 0, and an expandable pool's range starts at 2**50).
+ADDR_BITS = 56
+ADDR_MASK = (1 << ADDR_BITS) - 1
+
+
 class Pool:
     """Free blocks of one pool, sorted by (size, address) as the allocator's ``BlockPool``."""
 
     __slots__ = ("keys", "blocks")
 
     def __init__(self) -> None:
-        self.keys: list[tuple[int, int]] = []  # (size, addr), sorted
+        self.keys: list[int] = []  # size << ADDR_BITS | addr, sorted
         self.blocks: dict[int, Block] = {}  # addr -> free block
 
     def add(self, b: Block) -> None:
-        insort(self.keys, (b.size, b.addr))
+        insort(self.keys, b.size << ADDR_BITS | b.addr)
         self.blocks[b.addr] = b
 
     def remove(self, b: Block) -> None:
-        del self.keys[bisect_left(self.keys, (b.size, b.addr))]
+        del self.keys[bisect_left(self.keys, b.size << ADDR_BITS | b.addr)]
         del self.blocks[b.addr]
 
 
@@ -99,38 +106,56 @@ class CachingAllocator:
 
     def malloc(self, nbytes: int, tag: object = "") -> Block:
         """Allocate ``nbytes`` (a tensor's storage); returns the block to pass to :meth:`free`."""
-        n = round_size(nbytes)
+        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
         small = n <= K_SMALL_SIZE
         pool = self.pools[small]
         keys = pool.keys
-        i = bisect_left(keys, (n, -1))  # best fit: smallest size >= n, then lowest address
+        i = bisect_left(keys, n << ADDR_BITS)  # best fit: smallest size >= n, then lowest address
         if i < len(keys):
-            b = pool.blocks.pop(keys[i][1])
-            del keys[i]
+            b = pool.blocks.pop(keys.pop(i) & ADDR_MASK)
         else:
             b = self._grow(n, small, tag)
         rest = b.size - n
-        if should_split(small, rest):
-            tail = Block(b.addr + n, rest, small, b, b.next)
-            if b.next is not None:
-                b.next.prev = tail
+        if rest >= K_MIN_BLOCK if small else rest > K_SMALL_SIZE:  # should_split
+            nxt = b.next
+            tail = Block(b.addr + n, rest, small, b, nxt)
+            if nxt is not None:
+                nxt.prev = tail
             b.next, b.size = tail, n
             if self.expandable and self.tails.get(small) is b:
                 self.tails[small] = tail
-            insort(keys, (rest, tail.addr))
+            insort(keys, rest << ADDR_BITS | tail.addr)
             pool.blocks[tail.addr] = tail
         b.allocated = True
-        if b.size > self.largest:
-            self.largest = b.size
-        self.allocated += b.size
+        size = b.size
+        if size > self.largest:
+            self.largest = size
+        self.allocated += size
         if self.allocated > self.peak_allocated:
             self.peak_allocated = self.allocated
         return b
 
     def transient(self, nbytes: int, tag: object = "") -> None:
-        """Allocate and at once free ``nbytes`` (a temporary consumed by the next op): a group of
-        one, see :meth:`transient_group`."""
-        self.transient_group((nbytes,), tag)
+        """Allocate and at once free ``nbytes`` (a temporary consumed by the next op): what
+        :meth:`transient_group` does for a group of one, without its overlay. Freeing the piece
+        restores the free block it was cut from; only a new segment stays."""
+        if nbytes <= 0:
+            return
+        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+        small = n <= K_SMALL_SIZE
+        keys = self.pools[small].keys
+        i = bisect_left(keys, n << ADDR_BITS)
+        if i < len(keys):
+            size = keys[i] >> ADDR_BITS
+        else:
+            b = self._grow(n, small, tag)
+            self.pools[small].add(b)
+            size = b.size
+        used = n if should_split(small, size - n) else size
+        if used > self.largest:
+            self.largest = used
+        if self.allocated + used > self.peak_allocated:
+            self.peak_allocated = self.allocated + used
 
     def transient_group(self, sizes: tuple[int, ...], tag: object = "") -> None:
         """Allocate ``sizes`` one after the other, then free them all: exactly that sequence of
@@ -138,8 +163,8 @@ class CachingAllocator:
         are always maximal runs of their segment, so freeing every piece restores each run; only
         the new segments (when no cached block fits) stay. The pieces are placed on an overlay of
         the free lists: blocks taken, remainders left. Empty pieces take no block."""
-        taken: set[tuple[int, int]] = set()
-        left: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+        taken: set[int] = set()
+        left: dict[bool, list[int]] = {True: [], False: []}
         used_total = 0
         for nbytes in sizes:
             if nbytes <= 0:  # an empty tensor takes no block
@@ -147,26 +172,27 @@ class CachingAllocator:
             n = round_size(nbytes)
             small = n <= K_SMALL_SIZE
             keys, extra = self.pools[small].keys, left[small]
-            i = bisect_left(keys, (n, -1))
+            want = n << ADDR_BITS
+            i = bisect_left(keys, want)
             while i < len(keys) and keys[i] in taken:
                 i += 1
-            j = bisect_left(extra, (n, -1))
+            j = bisect_left(extra, want)
             a = keys[i] if i < len(keys) else None
             b = extra[j] if j < len(extra) else None
             pick = b if a is None else a if b is None or a < b else b
             if pick is None:
-                b = self._grow(n, small, tag)  # a whole free segment (or the grown free tail)
-                self.pools[small].add(b)
-                pick = (b.size, b.addr)
+                blk = self._grow(n, small, tag)  # a whole free segment (or the grown free tail)
+                self.pools[small].add(blk)
+                pick = blk.size << ADDR_BITS | blk.addr
                 keys = self.pools[small].keys
             if j < len(extra) and extra[j] == pick:
                 del extra[j]
             else:
                 taken.add(pick)
-            size, addr = pick
+            size, addr = pick >> ADDR_BITS, pick & ADDR_MASK
             rest = size - n
             if should_split(small, rest):
-                insort(extra, (rest, addr + n))
+                insort(extra, rest << ADDR_BITS | (addr + n))
                 used = n
             else:
                 used = size

@@ -21,6 +21,7 @@ pieces of :mod:`vramplan.model.optim`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Mapping
 
 from vramplan.model.activations import logits_bytes
@@ -188,8 +189,10 @@ def gradient_bytes(lay: Layout) -> int:
         // lay.t.grad_accum
 
 
+@lru_cache(maxsize=1024)
 def step_work(m: ModelSpec, t: TrainSpec) -> StepWork:
-    """The FLOPs, bytes and host ops of one optimizer step (CUDA dtypes)."""
+    """The FLOPs, bytes and host ops of one optimizer step (CUDA dtypes); memoised: a plan asks
+    it for every GPU."""
     d = dtypes_for(t, "cuda")
     lay = layout(m, t, d, ledger_for(m, t, "cuda"), "cuda")
     L = m.num_hidden_layers
