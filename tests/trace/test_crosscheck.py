@@ -19,17 +19,11 @@ from vramplan.trace.crosscheck import TOLERANCE, run  # noqa: E402
 #: to the experts' dtype (closed Mixtral LoRA without checkpointing); eager attention's output,
 #: which nothing saves, and its masks, which die with the model's forward unless checkpointing
 #: keeps them (closed Gemma-2 without checkpointing); on CPU, o_proj's input is a copy when
-#: RoPE made q with torch.cat (closed Phi-3 QLoRA without checkpointing). Left, explained but
-#: not yet fixed:
-#: - Mixtral with checkpointing: -2.3% to +4.2%. The analytic phase model of an MoE layer's
-#:   backward is too coarse: it over-counts the token-sized gradients at the tiny size and misses
-#:   the weight-sized gradient of the merged expert stacks (baddbmm's backward), which dominates
-#:   at real size (Mixtral-8x7B QLoRA: 186.7 GiB analytic vs 188.7 GiB traced).
-KNOWN_GAPS = {
-    ('mixtral-tiny', 'lora', True, 128): -0.0131,
-    ('mixtral-tiny', 'qlora', True, 128): -0.0227,
-    ('mixtral-tiny', 'qlora', True, 512): 0.0419,
-}
+#: RoPE made q with torch.cat (closed Phi-3 QLoRA without checkpointing); an MoE layer's
+#: backward in three moments with the merged expert stacks' weight-sized gradients, and the
+#: in-flight outputs at the experts' end (closed Mixtral with checkpointing: -2.3% to +4.2%
+#: before). None is left.
+KNOWN_GAPS: dict[tuple[str, str, bool, int], float] = {}
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.inventory import inventory
-from vramplan.model.ledger import FP32, LayerCtx, Ledger, frozen_first_input, layer_ledger
+from vramplan.model.ledger import (FP32, LayerCtx, Ledger, expert_bytes, frozen_first_input,
+                                   layer_ledger)
 from vramplan.model.terms import PHASES, Term
 from vramplan.model.weights import dequant_bytes
 from vramplan.specs import ModelSpec, TrainSpec
@@ -118,17 +119,59 @@ def workspace_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple
     width = m.intermediate_size * (m.num_experts_per_tok or 1)
     grads = max(0, 2 * width * e - led.down_input_bytes)
     res_grad = 2 * d.residual + (FP32 if d.residual != FP32 else 0)
+    residual = Term("activations.residual_grad", m.hidden_size * res_grad * n,
+                    "N * h * (2 * e_res + 4 [e_res < 4])",
+                    "gradient of the layer output: the RMSNorm path's fp32 grad, its cast back, "
+                    "and the sum with the residual path", phases=RECOMPUTE + BWD_WORK)
+    if merged_experts(m, t):
+        return residual, moe_backward_term(m, t, d, n)
     return (
-        Term("activations.residual_grad", m.hidden_size * res_grad * n,
-             "N * h * (2 * e_res + 4 [e_res < 4])",
-             "gradient of the layer output: the RMSNorm path's fp32 grad, its cast back, and the "
-             "sum with the residual path", phases=RECOMPUTE + BWD_WORK),
+        residual,
         Term("activations.backward_buffers", width * e * n, "N * I * e_mlp",
              "the MLP product's gradient", phases=BWD_WORK),
         Term("activations.mlp_backward_grads", grads * n, "N * (2 * I * e_mlp - down input saved)",
              "two more I-wide grads while down_proj's saved input is released",
              phases=("layer_backward", "last_layer_backward")),
     )
+
+
+def merged_experts(m: ModelSpec, t: TrainSpec) -> bool:
+    """peft all-linear LoRA on a transformers-5 MoE: every forward merges W + B·A into a copy of
+    each fused expert stack (see :func:`moe_merged_expert_terms`)."""
+    return m.is_moe and inventory(m, t).all_linear
+
+
+def moe_backward_term(m: ModelSpec, t: TrainSpec, d: Dtypes, n: int) -> Term:
+    """What an MoE layer's backward adds to its saved set and merged stacks, with merged experts.
+
+    R = k·N routed rows, e = the experts' dtype, W_d = E·h·I·e (one merged down stack). The
+    backward of the down ``_grouped_mm`` holds the product's gradient (R·I·e) and the merged
+    stack's gradient (W_d, weight-sized: it flows on into the LoRA factors' gradients); then the
+    product, the merged down stack and its gradient are freed and act/up get their gradients
+    (two R·I·e) while the down output's gradient (R·h·e) is gone. Before them, the backward of
+    the sum over k and of the routing weights holds three R·h·e gradients while the down output
+    is still saved (fp32: the routing weights are). The gate_up backward after them (gradient R·2I·e, merged stack gradient
+    2·W_d, input gradient R·h·e, with the gate_up output, act and product freed) never exceeds
+    the down moment. So
+
+        bytes = max(3·R·h·4, R·I·e + W_d, R·(2I − h)·e − W_d)
+
+    Ref: torch ``_grouped_mm`` backward (``derivatives.yaml``), transformers
+    ``integrations/moe.py::grouped_mm_experts_forward``, peft ``ParamWrapper``; the order of the
+    births and deaths read from the trace engine's event log (mixtral-tiny)."""
+    k, i, h = m.num_experts_per_tok, m.intermediate_size, m.hidden_size
+    e = expert_bytes(t, d)
+    rows = k * n
+    w_down = m.num_local_experts * h * i * e
+    weighting = 3 * rows * h * FP32  # the routing weights are fp32: so are these gradients
+    down = rows * i * e + w_down
+    up = rows * (2 * i - h) * e - w_down
+    return Term("activations.moe_backward", max(weighting, down, up),
+                "max(3 * R * h * 4, R * I * e + E * h * I * e, R * (2I - h) * e - E * h * I * e),"
+                " R = k * N",
+                "the routing weights' backward (three R·h gradients), then the down _grouped_mm "
+                "backward (the product's gradient and the merged down stack's), then act's and "
+                "up's gradients (grouped_mm / peft ParamWrapper)", phases=BWD_WORK)
 
 
 def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
@@ -212,11 +255,13 @@ def transient_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
         n = max(lin.weight_params for lin in inventory(m, t).linears)
         terms.append(Term("activations.dequant_buffer", dequant_bytes(n, d.compute, t.double_quant),
                           "max_linear(n) * e_compute (+ 4*n/64 fp32 absmax with DQ)",
-                          "bitsandbytes dequantize_4bit in MatMul4Bit forward/backward",
-                          phases=("layer_forward",) + DOWN))
+                          "bitsandbytes dequantize_4bit in MatMul4Bit forward/backward"
+                          + (" (an MoE's down projection is its unquantised experts: none in "
+                             "its backward)" if m.is_moe else ""),
+                          phases=("layer_forward",) + (() if m.is_moe else DOWN)))
     if d.autocast:
         terms.extend(autocast_cache_terms(m, t))
-    if m.is_moe and inventory(m, t).all_linear:
+    if merged_experts(m, t):
         terms.extend(moe_merged_expert_terms(m, t, d))
     return tuple(terms)
 
@@ -247,11 +292,23 @@ def moe_merged_expert_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term
 def moe_merged_bytes(m: ModelSpec, t: TrainSpec, d: Dtypes) -> int:
     """One layer's ParamWrapper copies: the merged expert stacks (3·E·I·h) and, when the adapters'
     dtype is not the experts', the LoRA factors cast to it (see :func:`moe_merged_expert_terms`)."""
-    merged = 3 * m.num_local_experts * m.intermediate_size * m.hidden_size * d.nonquant
-    if d.trainable == d.nonquant:
-        return merged
-    factors = sum(x.numel for x in inventory(m, t).lora if x.name.startswith("experts."))
-    return merged + factors * d.nonquant
+    return sum(sum(part) for part in moe_merged_pieces(m, t, d))
+
+
+def moe_merged_pieces(m: ModelSpec, t: TrainSpec, d: Dtypes
+                      ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One layer's merged copies, down stack first as ParamWrapper makes them: ((down stack, its
+    LoRA B cast, A cast), (gate_up stack, B cast, A cast)). The casts (``get_delta_factors``:
+    ``.to(param.dtype)``) are made only when the adapters' dtype is not the experts'."""
+    e, i, h, n_exp = d.nonquant, m.intermediate_size, m.hidden_size, m.num_local_experts
+    factors = {x.name: x.numel for x in inventory(m, t).lora if x.name.startswith("experts.")}
+    cast = d.trainable != d.nonquant
+
+    def part(proj: str, stack: int) -> tuple[int, ...]:
+        casts = tuple(factors.get(f"experts.{proj}.lora_{ab}", 0) * e for ab in "BA")
+        return (stack, *casts) if cast else (stack,)
+
+    return part("down_proj", n_exp * h * i * e), part("gate_up_proj", n_exp * 2 * i * h * e)
 
 
 def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
@@ -260,11 +317,15 @@ def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
     ``cached_cast`` keeps one bf16 copy of every fp32 leaf weight that requires grad until the
     outermost autocast exits (end of forward); the matmuls also save them for backward, so without
     checkpointing they live until each layer's backward. With checkpointing the recomputation
-    re-casts one layer's weights, saved until that layer's backward ends.
+    re-casts one layer's weights, saved until that layer's backward ends. An MoE's fused experts
+    and their LoRA factors are never cast: ``_grouped_mm`` has no autocast kernel and peft merges
+    W + B·A with autocast disabled (see :func:`vramplan.model.ledger.moe_mlp`; found by the
+    engines' cross-check).
     Ref: ATen ``autocast_mode.cpp::cached_cast``; PHYSICS-REFERENCE §3.3, §9 item 4.
     """
     tensors = inventory(m, t).trainable
-    linear = [x for x in tensors if x.kind in ("linear", "lora", "expert")]
+    linear = [x for x in tensors if x.kind in ("linear", "lora")
+              and not x.name.startswith("experts.")]
     per_layer = sum(x.params for x in linear) // m.num_hidden_layers
     head = sum(x.params for x in tensors if x.kind == "lm_head" or
                (x.kind == "embed" and m.tie_word_embeddings and t.method == "full"))

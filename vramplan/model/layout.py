@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from vramplan.model import weights
-from vramplan.model.activations import moe_merged_bytes
+from vramplan.model.activations import merged_experts, moe_merged_pieces
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.inventory import Inventory, inventory
 from vramplan.model.ledger import FP32, Ledger, frozen_first_input
@@ -99,12 +99,11 @@ def dequant_bytes(lay: Layout, name: str) -> int:
                                  lay.t.double_quant)
 
 
-def merged_experts_bytes(lay: Layout) -> int:
-    """peft ParamWrapper's merged W + B·A copy of a layer's expert stacks (see
-    :func:`activations.moe_merged_expert_terms`); 0 unless LoRA all-linear on an MoE."""
-    if not lay.m.is_moe or not lay.inv.all_linear:
-        return 0
-    return moe_merged_bytes(lay.m, lay.t, lay.d)
+def merged_pieces(lay: Layout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """peft ParamWrapper's merged W + B·A copies of a layer's expert stacks and the LoRA factor
+    casts, ((down stack, casts...), (gate_up stack, casts...)) (see
+    :func:`activations.moe_merged_pieces`); empty unless LoRA all-linear on an MoE."""
+    return moe_merged_pieces(lay.m, lay.t, lay.d) if merged_experts(lay.m, lay.t) else ((), ())
 
 
 def other_grads(lay: Layout) -> list[tuple[str, int]]:
@@ -123,8 +122,10 @@ class LayerProgram:
     replay from the ledger's events (every layer runs the same program)."""
 
     forward: tuple  # ("save", name, bytes) | ("dequant", bytes) | ("cast", name, bytes)
-    #                 | ("temp", (bytes, ...))
+    #                 | ("temp", (bytes, ...)) | ("merged", part, bytes)
+    #                 | ("unsaved", names): freed at once when the forward records no graph
     backward: tuple  # ("drop", name) | ("linear", first, dequant bytes, ((name, grad bytes), ...))
+    #                  | ("moe",): the merged experts' backward (timeline.moe_backward)
 
 
 def layer_program(lay: Layout) -> LayerProgram:
@@ -133,8 +134,28 @@ def layer_program(lay: Layout) -> LayerProgram:
     casts = d.autocast and d.trainable == FP32  # autocast's bf16 copies of fp32 weights
     fwd: list[tuple] = []
     bwd: list[tuple] = []
+    down, gate_up = merged_pieces(lay)
     for kind, what in lay.led.events:
-        if kind == "save" and what != "layer_in":
+        if kind == "save" and what == "moe_in" and gate_up:
+            # ParamWrapper casts each stack's LoRA factors (kept until their gradients) and
+            # merges the stack once, unused, before the experts run (the trace's event log: down,
+            # then gate_up, each merge freed at once), then again for each matmul
+            fwd += [*(("merged", f"down.{k}", b) for k, b in enumerate(down[1:], 1)),
+                    ("temp", down[:1]),
+                    *(("merged", f"gate_up.{k}", b) for k, b in enumerate(gate_up[1:], 1)),
+                    ("temp", gate_up[:1]), ("save", what, lay.led.saved[what] * n),
+                    ("merged", "gate_up", gate_up[0])]
+        elif kind == "save" and what == "moe_prod" and gate_up:
+            # a checkpointed forward records no graph: act and the gate_up output die once the
+            # product exists, the product once the down output does (the trace's event log)
+            fwd += [("save", what, lay.led.saved[what] * n), ("unsaved", ("moe_act", "moe_gate_up")),
+                    ("merged", "down", down[0])]
+        elif kind == "save" and what == "moe_down_out" and gate_up:
+            fwd += [("save", what, lay.led.saved[what] * n), ("unsaved", ("moe_prod",))]
+        elif kind == "moe_end":
+            if gate_up:
+                fwd.append(("unsaved", ("moe_in", "moe_down_out")))
+        elif kind == "save" and what != "layer_in":
             fwd.append(("save", what, lay.led.saved[what] * n))
         elif kind == "linear":
             if qlora:
@@ -144,9 +165,12 @@ def layer_program(lay: Layout) -> LayerProgram:
                         for suffix, numel in linear_weights(lay, what)]
         elif kind == "temp":
             fwd.append(("temp", tuple(x * n for x in what)))
-    first = True
+    first = not gate_up  # merged experts: their backward is the ("moe",) op, not a down linear
     for kind, what in reversed(lay.led.events):
-        if kind == "save" and what != "layer_in":
+        if kind == "save" and gate_up and what.startswith("moe_"):
+            if what == "moe_down_out":  # the last the experts save: their backward starts
+                bwd.append(("moe",))
+        elif kind == "save" and what != "layer_in":
             bwd.append(("drop", what))
         elif kind == "linear":
             grads = tuple((what + suffix, numel * d.trainable)

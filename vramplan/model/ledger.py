@@ -40,7 +40,8 @@ class Ledger:
     peak_partial: int = 0  # per token: saved-so-far + that in-flight output, at the worst linear
     #: The forward in order, for the allocator replay (:mod:`vramplan.model.timeline`):
     #: ("save", name) a tensor first saved, ("linear", name) a linear called,
-    #: ("temp", bytes/token) unsaved outputs alive together for a moment.
+    #: ("temp", bytes/token) unsaved outputs alive together for a moment, ("moe_end", None) an
+    #: MoE block's experts done.
     events: list[tuple[str, object]] = field(default_factory=list)
     #: What the layer's input norm saves (its fp32 input, or the input itself, and rsqrt): the
     #: first layer does not save it when its input needs no grad (:func:`frozen_first_input`).
@@ -258,24 +259,46 @@ def experts_trainable(c: LayerCtx) -> bool:
     return c.t.method == "full" or inventory(c.m, c.t).all_linear
 
 
+def expert_bytes(t: TrainSpec, d: Dtypes) -> int:
+    """Bytes per element of an MoE's fused expert weights: the trainable dtype in full
+    fine-tuning, else the frozen unquantised parameters' (fp32 after k-bit preparation)."""
+    return d.trainable if t.method == "full" else d.nonquant
+
+
 def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
     """Mixtral sparse MoE (transformers 5.x ``MixtralExperts``: fused 3-D expert weights, frozen and
     unquantised in QLoRA). Per routed token copy (k per token): the gate_up output (kept by
     act/chunk views) and act output; when the expert weights carry grad also the gathered input,
     the product and the down output (``* top_k_weights``, which carries grad through the router).
-    Router: fp32 softmax probabilities (E per token), top-k weights and indices."""
+    Router: fp32 softmax probabilities (E per token), top-k weights and indices.
+
+    The expert intermediates are in the experts' weight dtype, autocast or not: ``_grouped_mm``
+    has no autocast kernel, so transformers casts its input to the weight's dtype
+    (``integrations/moe.py::_grouped_mm``: ``input.to(weight.dtype)``), and peft merges W + B·A
+    with autocast disabled (``_LoraFactorsProxy``). QLoRA's experts are fp32 after
+    ``prepare_model_for_kbit_training`` (found by the engines' cross-check: CPU mixed QLoRA)."""
     m, d, k = c.m, c.d, c.m.num_experts_per_tok
     i, h = m.intermediate_size, m.hidden_size
-    e = d.compute if d.autocast else (d.trainable if c.t.method == "full" else d.nonquant)
-    per_copy = 2 * i * e + i * e  # gate_up output + act(gate)
-    if experts_trainable(c):
+    e = expert_bytes(c.t, d)
+    trainable = experts_trainable(c)
+    if trainable:
         led.save(cast(x, d.compute, "router_in_cast") if d.autocast else x)
-        per_copy += h * e + i * e + h * e  # gathered input, product, down output
-    led.save(T("moe_experts", per_copy * k, 1))
     led.save(T("router_probs", m.num_local_experts, FP32))
     led.save(T("router_topk", k, FP32 + 8))  # top-k weights (fp32) + indices (int64)
+    # per routed copy (k per token), in the order the experts' forward makes them
+    pieces = (("moe_in", h), ("moe_gate_up", 2 * i), ("moe_act", i), ("moe_prod", i),
+              ("moe_down_out", h)) if trainable else (("moe_gate_up", 2 * i), ("moe_act", i))
+    for name, width in pieces:
+        led.save(T(name, width * k, e))
     led.mlp_e = e
-    led.in_flight(2 * i * e * k)
+    # trainable experts save their down output: in flight at the end are the weighted copies
+    # and their reordering for the sum over k (two R·h in fp32, the routing weights' dtype;
+    # from the trace engine's event log)
+    if trainable:
+        led.in_flight(2 * h * FP32 * k, (h * FP32 * k, h * FP32 * k))
+    else:
+        led.in_flight(2 * i * e * k)
+    led.events.append(("moe_end", None))
     return T("moe_out", h, e)
 
 

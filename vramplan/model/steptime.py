@@ -128,8 +128,8 @@ def layer_traffic(lay: Layout) -> tuple[int, int, int]:
     """
     act = deq = cast = 0
     for op in lay.program.forward:
-        if op[0] == "save":
-            act += 2 * op[2]
+        if op[0] in ("save", "merged"):
+            act += 2 * op[-1]
         elif op[0] == "temp":
             act += 2 * sum(op[1])
         elif op[0] == "dequant":
@@ -148,7 +148,7 @@ def layer_ops(lay: Layout) -> int:
             ops += len(op[1])
         elif op[0] == "dequant":
             ops += DEQUANT_OPS[lay.t.double_quant]
-        else:
+        elif op[0] != "unsaved":  # frees, not operations
             ops += 1
     return ops
 

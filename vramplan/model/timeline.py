@@ -33,9 +33,8 @@ from dataclasses import dataclass
 from vramplan.model.allocator import Block, CachingAllocator
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.activations import logits_bytes
-from vramplan.model.layout import (Layout, layout, merged_experts_bytes, other_grads,
-                                   trainable_order)
-from vramplan.model.ledger import FP32, Ledger
+from vramplan.model.layout import Layout, layout, other_grads, trainable_order
+from vramplan.model.ledger import FP32, Ledger, expert_bytes
 from vramplan.model.optim import state_pieces
 from vramplan.model.weights import int8_bytes, quant_pieces, quantized
 from vramplan.specs import ModelSpec, TrainSpec
@@ -156,7 +155,6 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
     layer's end under checkpointing), dequantised weights, autocast copies, outputs in flight."""
     keep_casts = recompute or not lay.t.grad_ckpt
     group = f"a.{i}"
-    r.new(("merged", i), merged_experts_bytes(lay), None if keep_casts else group)
     live, malloc, transient = r.live, r.alloc.malloc, r.alloc.transient
     members = r.groups.setdefault(group, [])
     cache = r.groups.setdefault("cache", [])
@@ -182,6 +180,11 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
             r.alloc.transient_group(op[1], "in_flight")
         elif kind == "dequant":
             transient(op[1], "dequant")
+        elif kind == "merged":  # ParamWrapper's W + B·A copy, saved by the experts' matmul
+            r.new(("merged", i, op[1]), op[2], None if keep_casts else group)
+        elif kind == "unsaved":  # no graph recorded: freed after their last use
+            if not keep_casts:
+                r.drop(*(("a", i, name) for name in op[1]))
         else:  # cast
             key = ("cast" if keep_casts else "cache", i, op[1])
             live[key] = malloc(op[2], key)
@@ -210,6 +213,9 @@ def backward_layer(r: Run, lay: Layout, i: int) -> None:
             if b is not None:
                 free(b)
             continue
+        if op[0] == "moe":
+            moe_backward(r, lay, i)
+            continue
         _, first, dq, weights = op
         if first:
             r.new(("g.prod", i), width * e * n)
@@ -229,9 +235,53 @@ def backward_layer(r: Run, lay: Layout, i: int) -> None:
             r.new(("g.mlp", i), max(0, 2 * width * e - lay.led.down_input_bytes) * n)
     for name, numel in other_grads(lay):
         r.grad(("grad", i, name), numel * d.trainable)
-    r.drop(("g.mlp", i), ("g.prod", i), ("merged", i), *(("held", i, k) for k in lay.held))
+    r.drop(("g.mlp", i), ("g.prod", i), *(("held", i, k) for k in lay.held))
     r.new(("g.x", i), m.hidden_size * d.residual * n)
     r.drop(("g.x", i + 1), ("g.res", i), ("x", i + 1))
+
+
+def moe_backward(r: Run, lay: Layout, i: int) -> None:
+    """The merged experts' backward, birth by birth as the trace engine's event log shows it
+    (transformers ``grouped_mm_experts_forward`` under peft ``ParamWrapper``; the phase model's
+    three moments are :func:`vramplan.model.activations.moe_backward_term`'s): the sum over k and
+    the routing weights' backward, the down ``_grouped_mm``'s (the product's gradient and the
+    merged stack's), act's and up's, gate_up's. R = k·N routed rows in the experts' dtype."""
+    m, n = lay.m, lay.n_tok
+    e = expert_bytes(lay.t, lay.d)
+    rows, h, inter = m.num_experts_per_tok * n, m.hidden_size, m.intermediate_size
+    w_down = m.num_local_experts * h * inter * e
+    a = ("a", i)
+
+    def saved(name: str) -> tuple:
+        return (*a, name)
+
+    def g(name: str) -> tuple:
+        return ("g.moe", i, name)
+
+    casts = [("merged", i, f"{proj}.{k}") for proj in ("down", "gate_up") for k in (1, 2)]
+    r.new(g("sum"), rows * h * FP32)  # fp32: the routing weights' dtype
+    r.new(g("weighted"), rows * h * FP32)
+    r.new(g("weights"), rows * h * FP32)
+    r.drop(saved("moe_down_out"))
+    if e != FP32:  # the down output's gradient, cast back to its dtype
+        r.new(g("down_out"), rows * h * e)
+        r.drop(g("weighted"))
+    r.drop(g("weights"), g("sum"))
+    r.new(g("w_down"), w_down)
+    r.new(g("prod"), rows * inter * e)
+    r.drop(saved("moe_prod"), ("merged", i, "down"), g("weighted"), g("down_out"), *casts[:2],
+           g("w_down"))
+    r.new(g("act"), rows * inter * e)
+    r.new(g("up"), rows * inter * e)
+    r.drop(saved("moe_act"), g("prod"))
+    r.new(g("gate"), rows * inter * e)
+    r.drop(saved("moe_gate_up"), g("act"))
+    r.new(g("gate_up"), 2 * rows * inter * e)
+    r.drop(g("gate"), g("up"))
+    r.new(g("w_gate_up"), 2 * w_down)
+    r.new(g("in"), rows * h * e)
+    r.drop(saved("moe_in"), ("merged", i, "gate_up"), g("gate_up"), *casts[2:], g("w_gate_up"),
+           g("in"))
 
 
 def loss_forward(r: Run, lay: Layout) -> None:
