@@ -1,7 +1,8 @@
 """The two engines held to each other (issue #10, item 9): for every family both know, full /
-LoRA / QLoRA x checkpointing on and off x seq 128 and 512, peak allocated within 1%, or a named
-gap of the analytic engine below (the trace equals the CPU measurements to the byte; these are
-the analytic engine's errors, to be fixed there). A new gap, or a named one that grows, fails."""
+LoRA / QLoRA x checkpointing on and off x seq 128 and 512, counted as on CPU (bf16) and as on
+CUDA (mixed precision), peak allocated within 1%, or a named gap of the analytic engine below
+(the trace equals the CPU measurements to the byte and the H200 ones within 0.8%; these are the
+analytic engine's errors, to be fixed there). A new gap, or a named one that grows, fails."""
 
 from __future__ import annotations
 
@@ -23,15 +24,21 @@ from vramplan.trace.crosscheck import TOLERANCE, run  # noqa: E402
 #: backward in three moments with the merged expert stacks' weight-sized gradients, and the
 #: in-flight outputs at the experts' end (closed Mixtral with checkpointing: -2.3% to +4.2%
 #: before). None is left.
-KNOWN_GAPS: dict[tuple[str, str, bool, int], float] = {}
+#: Counted as on CUDA in mixed precision (found when that count was added): the final norm's
+#: output, alive until the loss is computed; the final norm's saved tensors, released before
+#: the layers' backward; the trainable lm_head's autocast copy, saved until its backward; the
+#: first layer's q/k/v LoRA dropout masks, not saved when its input needs no grad; peft's fp32
+#: copy of a LoRA input under autocast, in flight at lora_A. None is left.
+KNOWN_GAPS: dict[tuple[str, str, str, bool, int], float] = {}
 
 
 @pytest.mark.slow
-def test_the_engines_agree_within_1_percent_or_the_gap_is_named():
-    rows = run(progress=False)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_engines_agree_within_1_percent_or_the_gap_is_named(device):
+    rows = run(progress=False, device=device)
     assert len(rows) == 72
     for r in rows:
-        key = (r.config, r.method, r.grad_ckpt, r.seq_len)
+        key = (r.device, r.config, r.method, r.grad_ckpt, r.seq_len)
         if key in KNOWN_GAPS:
             assert abs(r.error) <= abs(KNOWN_GAPS[key]) + 0.001, (key, r.error)
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.inventory import inventory
 from vramplan.model.ledger import (FP32, LayerCtx, Ledger, expert_bytes, frozen_first_input,
-                                   layer_ledger)
+                                   layer_ledger, promote)
 from vramplan.model.terms import PHASES, Term
 from vramplan.model.weights import dequant_bytes
 from vramplan.specs import ModelSpec, TrainSpec
@@ -50,13 +50,14 @@ def layer_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger) -> tuple[Ter
                    "op-by-op replay; peft LoRA forward keeps result, scaled output and sum",
                    phases=("layer_forward",) if not t.grad_ckpt else RECOMPUTE)
     if not t.grad_ckpt:
-        # the first layer's input norm saves nothing when that input needs no grad
-        first = per_layer - (led.input_norm_bytes if frozen_first_input(t) else 0)
+        # the first layer's input norm and its projections' dropout save nothing when that
+        # input needs no grad
+        first = per_layer - (led.frozen_input_bytes if frozen_first_input(t) else 0)
         return (
             Term("activations.saved_layer_0", first * n, f"N * {first}",
                  "the first layer's saved set, released last in backward"
-                 + (" (its input norm saves nothing: a frozen embedding's output needs no "
-                    "grad)" if first != per_layer else ""),
+                 + (" (its input norm and the dropout on its q/k/v inputs save nothing: a "
+                    "frozen embedding's output needs no grad)" if first != per_layer else ""),
                  phases=ALL_ACT if L > 1 else AFTER_LAYERS + ("last_layer_backward",)),
             Term("activations.saved_layers", max(0, L - 2) * per_layer * n,
                  f"(L - 2) * N * {per_layer} (saved bytes/token/layer)",
@@ -186,8 +187,9 @@ def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
     terms = [
         Term("activations.rope_cos_sin", 2 * m.head_dim * d.nonquant * n, "2 * N * d_h * e_emb",
              "LlamaRotaryEmbedding output, shared by all layers", phases=ALL_ACT),
-        Term("activations.final_norm", final * n, "N * (4h + 4)", "LlamaRMSNorm saved tensors",
-             phases=AFTER_LAYERS),
+        Term("activations.final_norm", final * n, "N * (4h + 4)", "LlamaRMSNorm saved tensors, "
+             "released by the norm's backward, before the layers' (found by the trace engine "
+             "counted as on CUDA)", phases=LOSS),
         Term("activations.token_ids", 2 * INT64 * n, "2 * N * 8 (input_ids, labels)",
              "int64 token tensors of the step", phases=ALL_ACT),
     ]
@@ -210,7 +212,27 @@ def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
         terms.append(Term("activations.lm_head_weight_cast", v * h * 2, "V * h * 2",
                           "autocast casts the frozen fp32 lm_head to bf16; MmBackward saves it",
                           phases=LOSS))
+    out = final_norm_output_bytes(m, t, d)
+    if out:
+        terms.append(Term("activations.final_norm_output", h * out * n, f"N * h * {out}",
+                          "the final norm's output: the CausalLM forward's hidden_states, alive "
+                          "until the forward (which computes the loss) returns",
+                          phases=("loss_forward",)))
     return tuple(terms)
+
+
+def final_norm_output_bytes(m: ModelSpec, t: TrainSpec, d: Dtypes) -> int:
+    """Bytes per element of the final norm's output while the loss is computed, where no other
+    term counts it (0): ``LlamaForCausalLM.forward`` keeps ``hidden_states`` until it returns the
+    loss. A trainable lm_head without autocast saves that very tensor (``lm_head_input``); under
+    autocast it saves a bf16 cast, and the norm's own output (fp32 weight) lives beside it.
+    Llama-style norms return weight · x in the promoted dtype (fp32 after k-bit preparation),
+    Gemma-style ones x's dtype (see :func:`vramplan.model.ledger.rmsnorm`). Found by the trace engine counted as on CUDA (H200 Llama-13B QLoRA mixed: forward peak)."""
+    if t.method == "full" and not d.autocast:
+        return 0
+    if m.norm_style == "gemma":
+        return d.residual
+    return promote(d.trainable if t.method == "full" else d.nonquant, d.residual)
 
 
 def logits_bytes(t: TrainSpec, d: Dtypes) -> int:
@@ -331,13 +353,19 @@ def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
                (x.kind == "embed" and m.tie_word_embeddings and t.method == "full"))
     all_phases = FWD if t.grad_ckpt else UNTIL_FIRST_BWD
     layer_phases = (RECOMPUTE + BWD_WORK) if t.grad_ckpt else ("last_layer_backward",)
-    return (
-        Term("activations.autocast_weight_cache", 2 * (per_layer * m.num_hidden_layers + head),
-             "2 * P_t(matmul weights)", "ATen autocast cached_cast of fp32 leaf weights "
-             "requiring grad", phases=all_phases),
+    terms = [
+        Term("activations.autocast_weight_cache", 2 * per_layer * m.num_hidden_layers,
+             "2 * P_t(the layers' matmul weights)", "ATen autocast cached_cast of fp32 leaf "
+             "weights requiring grad", phases=all_phases),
         Term("activations.layer_weight_casts", 2 * per_layer, "2 * P_t(one layer's matmuls)",
              "autocast copies of the layer being recomputed / run backward", phases=layer_phases),
-    )
+    ]
+    if head and t.method == "full":  # a frozen fp32 lm_head's copy: head_terms
+        terms.append(Term("activations.lm_head_weight_cast", 2 * head, "2 * P_t(lm_head)",
+                          "autocast's copy of the trainable lm_head, made after the layers and "
+                          "saved by its matmul until its backward (found by the trace engine "
+                          "counted as on CUDA)", phases=LOSS))
+    return tuple(terms)
 
 
 def activation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger | None = None

@@ -50,9 +50,10 @@ class Layout:
 
     @property
     def first_layer_unsaved(self) -> frozenset:
-        """Saved names the first layer does not save (its input norm's, when its input needs no
-        grad: :func:`vramplan.model.ledger.frozen_first_input`)."""
-        return frozenset(self.led.input_norm) if frozen_first_input(self.t) else frozenset()
+        """Saved names the first layer does not save (its input norm's and its q/k/v dropout
+        masks, when its input needs no grad: :func:`vramplan.model.ledger.frozen_first_input`)."""
+        return frozenset(self.led.frozen_input_saves) if frozen_first_input(self.t) \
+            else frozenset()
 
 
 def layout(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger, device: str) -> Layout:
@@ -122,7 +123,7 @@ class LayerProgram:
     replay from the ledger's events (every layer runs the same program)."""
 
     forward: tuple  # ("save", name, bytes) | ("dequant", bytes) | ("cast", name, bytes)
-    #                 | ("temp", (bytes, ...)) | ("merged", part, bytes)
+    #                 | ("temp" | "copy", (bytes, ...)) | ("merged", part, bytes)
     #                 | ("unsaved", names): freed at once when the forward records no graph
     backward: tuple  # ("drop", name) | ("linear", first, dequant bytes, ((name, grad bytes), ...))
     #                  | ("moe",): the merged experts' backward (timeline.moe_backward)
@@ -141,9 +142,9 @@ def layer_program(lay: Layout) -> LayerProgram:
             # merges the stack once, unused, before the experts run (the trace's event log: down,
             # then gate_up, each merge freed at once), then again for each matmul
             fwd += [*(("merged", f"down.{k}", b) for k, b in enumerate(down[1:], 1)),
-                    ("temp", down[:1]),
+                    ("copy", down[:1]),
                     *(("merged", f"gate_up.{k}", b) for k, b in enumerate(gate_up[1:], 1)),
-                    ("temp", gate_up[:1]), ("save", what, lay.led.saved[what] * n),
+                    ("copy", gate_up[:1]), ("save", what, lay.led.saved[what] * n),
                     ("merged", "gate_up", gate_up[0])]
         elif kind == "save" and what == "moe_prod" and gate_up:
             # a checkpointed forward records no graph: act and the gate_up output die once the
@@ -163,8 +164,8 @@ def layer_program(lay: Layout) -> LayerProgram:
             if casts:
                 fwd += [("cast", what + suffix, numel * d.compute)
                         for suffix, numel in linear_weights(lay, what)]
-        elif kind == "temp":
-            fwd.append(("temp", tuple(x * n for x in what)))
+        elif kind in ("temp", "copy"):
+            fwd.append((kind, tuple(x * n for x in what)))
     first = not gate_up  # merged experts: their backward is the ("moe",) op, not a down linear
     for kind, what in reversed(lay.led.events):
         if kind == "save" and gate_up and what.startswith("moe_"):

@@ -40,12 +40,14 @@ class Ledger:
     peak_partial: int = 0  # per token: saved-so-far + that in-flight output, at the worst linear
     #: The forward in order, for the allocator replay (:mod:`vramplan.model.timeline`):
     #: ("save", name) a tensor first saved, ("linear", name) a linear called,
-    #: ("temp", bytes/token) unsaved outputs alive together for a moment, ("moe_end", None) an
-    #: MoE block's experts done.
+    #: ("temp", bytes/token) unsaved outputs alive together for a moment (("copy", ...): dtype
+    #: copies among them), ("moe_end", None) an MoE block's experts done.
     events: list[tuple[str, object]] = field(default_factory=list)
-    #: What the layer's input norm saves (its fp32 input, or the input itself, and rsqrt): the
-    #: first layer does not save it when its input needs no grad (:func:`frozen_first_input`).
-    input_norm: tuple[str, ...] = ()
+    #: What the layer saves only because its input needs grad: its input norm's saved tensors
+    #: (its fp32 input, or the input itself, and rsqrt) and the LoRA dropout masks of the
+    #: projections fed by that norm (dropout on an input that needs no grad is not recorded).
+    #: The first layer saves none of them when its input needs no grad (:func:`frozen_first_input`).
+    frozen_input_saves: tuple[str, ...] = ()
     #: Inputs the int8 matmuls keep as a ``ctx`` attribute (bytes per token), which gradient
     #: checkpointing does not drop; ``held_only``: those nothing else saves.
     held: dict[str, int] = field(default_factory=dict)
@@ -57,19 +59,21 @@ class Ledger:
         return sum(self.held[name] for name in self.held_only)
 
     @property
-    def input_norm_bytes(self) -> int:
-        """Bytes per token the layer's input norm saves."""
-        return sum(self.saved[name] for name in self.input_norm)
+    def frozen_input_bytes(self) -> int:
+        """Bytes per token the layer saves only because its input needs grad."""
+        return sum(self.saved[name] for name in self.frozen_input_saves)
 
     def save(self, t: T) -> None:
         if t.name not in self.saved:
             self.events.append(("save", t.name))
         self.saved[t.name] = t.width * t.e
 
-    def in_flight(self, nbytes: int, pieces: tuple[int, ...] = ()) -> None:
+    def in_flight(self, nbytes: int, pieces: tuple[int, ...] = (), kind: str = "temp") -> None:
         """Record an op's unsaved outputs that are alive together at this point of the forward
-        (``pieces``: the tensors among them made here, in order; default: one of ``nbytes``)."""
-        self.events.append(("temp", pieces or (nbytes,)))
+        (``pieces``: the tensors among them made here, in order; default: one of ``nbytes``).
+        ``kind`` "copy": dtype copies, memory the step-time model does not count (see
+        :func:`vramplan.model.steptime.layer_traffic`)."""
+        self.events.append((kind, pieces or (nbytes,)))
         self.max_transient = max(self.max_transient, nbytes)
         self.peak_partial = max(self.peak_partial, self.bytes_per_token() + nbytes)
 
@@ -135,6 +139,9 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
             led.held_only.add(x.name)
             led.save(x)
     live_input = 0 if x.name in led.saved else x.width * x.e  # the caller still holds x
+    if c.adapted(lin) and (temps := lora_input_temps(c, x)):
+        # the base result, then the LoRA branch's fp32 copy of x while autocast casts it back
+        led.in_flight(live_input + width * out_e + sum(temps), (width * out_e, *temps), "copy")
     if c.adapted(lin):
         # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum
         lora_e = d.compute if d.autocast else FP32
@@ -145,6 +152,19 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
         pieces = (width * out_e,)
     led.in_flight(live_input + sum(pieces), pieces)
     return T(f"{lin.name}.out", width, out_e)
+
+
+def lora_input_temps(c: LayerCtx, x: T) -> tuple[int, ...]:
+    """Per token, the LoRA branch's unsaved copies of its input alive at lora_A: under autocast
+    peft's fp32 copy of x (``_cast_input_dtype``), which autocast casts back for lora_A's matmul
+    (that cast is what lora_A saves), and with dropout its fp32 output beside it. None without
+    autocast (lora_A saves the fp32 copy itself) or where peft leaves the cast to autocast
+    (bitsandbytes layers). Found by the trace engine (CPU LoRA mixed with checkpointing)."""
+    d = c.d
+    if not d.autocast or c.base == "4bit" or x.e == FP32:
+        return ()
+    copy = x.width * FP32
+    return (copy, copy) if c.t.lora_dropout > 0 else (copy,)
 
 
 def lora_branch(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> None:
@@ -309,8 +329,10 @@ def layer_ledger(c: LayerCtx) -> Ledger:
     x = T("layer_in", c.m.hidden_size, c.d.residual)
     gemma2 = c.m.post_norms
     normed = rmsnorm(c, led, x, "input_norm")
-    led.input_norm = tuple(led.saved)
+    norm_saves = tuple(led.saved)
     a = attention(c, led, normed, lins)
+    masks = tuple(f"{name}.dropout_mask" for name in ("qkv_proj", "q_proj", "k_proj", "v_proj"))
+    led.frozen_input_saves = norm_saves + tuple(x for x in masks if x in led.saved)
     if gemma2:
         a = rmsnorm(c, led, a, "post_attn_norm")
     x2 = T("resid_mid", c.m.hidden_size, promote(x.e, a.e))

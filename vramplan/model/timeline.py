@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from vramplan.model.allocator import Block, CachingAllocator
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.activations import logits_bytes
+from vramplan.model.activations import final_norm_output_bytes, logits_bytes
 from vramplan.model.layout import Layout, layout, other_grads, trainable_order
 from vramplan.model.ledger import FP32, Ledger, expert_bytes
 from vramplan.model.optim import state_pieces
@@ -176,7 +176,7 @@ def forward_layer(r: Run, lay: Layout, i: int, recompute: bool) -> None:
             key = ("a", i, op[1])
             live[key] = malloc(op[2], key)
             members.append(key)
-        elif kind == "temp":
+        elif kind in ("temp", "copy"):
             r.alloc.transient_group(op[1], "in_flight")
         elif kind == "dequant":
             transient(op[1], "dequant")
@@ -290,10 +290,15 @@ def loss_forward(r: Run, lay: Layout) -> None:
     m, t, d, n = lay.m, lay.t, lay.d, lay.n_tok
     nv = n * m.vocab_size
     r.new("final_norm", (4 * m.hidden_size + 4) * n)
-    if d.autocast and d.nonquant == FP32 and t.method != "full":
-        r.new("lm_head_cast", m.vocab_size * m.hidden_size * 2)
+    out = final_norm_output_bytes(m, t, d)
+    r.new("final_out", m.hidden_size * out * n)  # the forward's hidden_states, until it returns
+    if d.autocast and (d.trainable if t.method == "full" else d.nonquant) == FP32:
+        r.new("lm_head_cast", m.vocab_size * m.hidden_size * 2)  # saved by lm_head's matmul
     e_l = logits_bytes(lay.t, lay.d)
+    if d.autocast and out and out != d.compute:  # lm_head's input, cast for its matmul
+        r.new("final_out_cast", m.hidden_size * d.compute * n)
     r.new("logits", e_l * nv)
+    r.drop("final_out_cast")
     if m.final_logit_softcapping:  # Gemma-2: tanh(logits / c) * c, tanh's output saved
         r.new("softcap", e_l * nv)
     if e_l != FP32:
@@ -304,6 +309,7 @@ def loss_forward(r: Run, lay: Layout) -> None:
         r.live["logits.kept"] = r.live.pop("logits")
     else:
         r.drop("logits32", "logits")
+    r.drop("final_out")
     r.drop_group("cache")  # autocast's weight cache is cleared when the forward exits
 
 

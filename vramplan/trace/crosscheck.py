@@ -1,8 +1,11 @@
 """The two engines held to each other (issue #10, item 9): for the families both know, the
-analytic estimate (CPU semantics) against the trace of the same setup, peak allocated.
+analytic estimate against the trace of the same setup, peak allocated, in two counts: as on CPU
+in bf16 (the CPU harness's semantics) and as on CUDA in mixed precision (autocast, the cuBLAS
+workspaces, CUDA's block rounding and dropout masks: :mod:`vramplan.trace.cuda`).
 
-`python -m vramplan.trace.crosscheck [--out FILE.json]` prints one line per case and the
-disagreements above :data:`TOLERANCE`; ``tests/trace/test_crosscheck.py`` runs it in CI.
+`python -m vramplan.trace.crosscheck [--device cpu|cuda] [--out FILE.json]` prints one line per
+case and the disagreements above :data:`TOLERANCE`; ``tests/trace/test_crosscheck.py`` runs both
+in CI.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ METHODS = ("full", "lora", "qlora")
 SEQS = (128, 512)
 
 
+#: How each count runs: the precision of its setups (CPU: the CPU harness's bf16 cases; CUDA:
+#: mixed, the HF Trainer bf16=True recipe, where autocast's copies matter).
+PRECISION = {"cpu": "bf16", "cuda": "mixed"}
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     config: str
@@ -33,13 +41,14 @@ class Row:
     seq_len: int
     analytic: int
     trace: int
+    device: str = "cpu"
 
     @property
     def error(self) -> float:
         return (self.analytic - self.trace) / self.trace
 
 
-def setups() -> list[tuple[str, TrainSpec]]:
+def setups(device: str = "cpu") -> list[tuple[str, TrainSpec]]:
     out = []
     for name in CONFIGS:
         attn = "eager" if name.startswith("gemma2") else "sdpa"
@@ -47,42 +56,48 @@ def setups() -> list[tuple[str, TrainSpec]]:
             for ckpt in (True, False):
                 for seq in SEQS:
                     out.append((name, TrainSpec(method=method, grad_ckpt=ckpt, seq_len=seq,
-                                                precision="bf16", optimizer="adamw", lora_r=16,
-                                                lora_alpha=32, lora_dropout=0.0, attn=attn)))
+                                                precision=PRECISION[device], optimizer="adamw",
+                                                lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                                attn=attn)))
     return out
 
 
-def run(progress: bool = True) -> list[Row]:
-    """Every case, both engines."""
+def run(progress: bool = True, device: str = "cpu") -> list[Row]:
+    """Every case, both engines, counted as on ``device``."""
     from vramplan.model.estimate import estimate
     from vramplan.profiles import load_calibration, load_hf_config, spec_from_hf_config
     from vramplan.trace.answer import quiet_libraries
     from vramplan.trace.engine import trace_step
 
     calib = load_calibration()
+    workspace = int(calib["cublas_workspace"]["bytes"]) if device == "cuda" else 0
     rows = []
-    cases = setups()
+    cases = setups(device)
     for i, (name, t) in enumerate(cases, 1):
         ref, cfg = load_hf_config(str(ROOT / "validation" / "configs" / f"{name}.json"))
-        a = estimate(spec_from_hf_config(cfg, ref), t, calib, "cpu").peak_allocated_bytes
+        a = estimate(spec_from_hf_config(cfg, ref), t, calib, device).peak_allocated_bytes
         with quiet_libraries():
-            b = trace_step(cfg, t).peak_allocated_bytes
-        rows.append(Row(name, t.method, t.grad_ckpt, t.seq_len, a, b))
+            b = trace_step(cfg, t, count_as=device, workspace_bytes=workspace)
+        rows.append(Row(name, t.method, t.grad_ckpt, t.seq_len, a, b.peak_allocated_bytes,
+                        device))
         if progress:
-            print(f"[{i}/{len(cases)}] {name} {t.method} ckpt={t.grad_ckpt} s{t.seq_len}: "
-                  f"{rows[-1].error:+.2%}", file=sys.stderr, flush=True)
+            print(f"[{i}/{len(cases)}] {device} {name} {t.method} ckpt={t.grad_ckpt} "
+                  f"s{t.seq_len}: {rows[-1].error:+.2%}", file=sys.stderr, flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda", "both"), default="both",
+                   help="count as on CPU (bf16 setups), as on CUDA (mixed precision), or both")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
-    rows = run()
+    devices = ("cpu", "cuda") if args.device == "both" else (args.device,)
+    rows = [r for device in devices for r in run(device=device)]
     worse = [r for r in rows if abs(r.error) > TOLERANCE]
     for r in worse:
-        print(f"{r.config} {r.method} ckpt={r.grad_ckpt} s{r.seq_len}: analytic {r.analytic:,} "
-              f"vs trace {r.trace:,} ({r.error:+.2%})")
+        print(f"{r.device} {r.config} {r.method} ckpt={r.grad_ckpt} s{r.seq_len}: analytic "
+              f"{r.analytic:,} vs trace {r.trace:,} ({r.error:+.2%})")
     print(f"{len(rows) - len(worse)}/{len(rows)} cases agree within {TOLERANCE:.0%}")
     if args.out:
         Path(args.out).write_text(json.dumps(
