@@ -130,6 +130,29 @@ def test_help_prints_defaults(capsys):
     assert "paged_adamw_32bit" in out and "2048" in out and "examples:" in out
 
 
+def test_each_command_is_built_alone_with_the_same_options_as_in_the_full_parser():
+    from vramplan.cli import COMMANDS, build_parser
+
+    def options(parser, command):
+        sub = next(a for a in parser._actions if a.dest == "command").choices
+        return sorted(opt for a in sub[command]._actions for opt in a.option_strings)
+
+    full = build_parser()
+    commands = next(a for a in full._actions if a.dest == "command").choices
+    assert set(commands) == set(COMMANDS)
+    for command in COMMANDS:
+        assert options(build_parser(command), command) == options(full, command)
+
+
+def test_estimate_loads_neither_the_planner_nor_the_harness():
+    code = ("import sys, io, contextlib; from vramplan.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['estimate', 'llama-2-7b'])\n"
+            "print([m for m in ('vramplan.cli.plan_cmd', 'vramplan.cli.measure_cmd', "
+            "'vramplan.planner') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_profiles_lists_every_shipped_model(capsys):
     assert main(["profiles", "--json"]) == 0
     names = {r["name"] for r in json.loads(capsys.readouterr().out)}

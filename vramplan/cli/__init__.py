@@ -7,9 +7,17 @@ fit); 2 bad input (unknown model, malformed config, impossible setup), always on
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from vramplan.cli import common, estimate_cmd, measure_cmd, plan_cmd
+from vramplan.cli import common
+
+#: Which module defines each command: a command's parser is built (and its module imported)
+#: alone, so ``vramplan estimate`` loads nothing of the planner or the harness.
+COMMANDS = {"estimate": "estimate_cmd", "profiles": "estimate_cmd", "gpus": "estimate_cmd",
+            "fit": "plan_cmd", "table": "plan_cmd", "plot": "plan_cmd", "suggest": "plan_cmd",
+            "docs": "plan_cmd", "measure": "measure_cmd", "check": "measure_cmd",
+            "calibrate": "measure_cmd"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -19,7 +27,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``command`` alone when it is known (its help and errors are the same as in
+    the full parser), else of every command (``--help``, ``--version``, a typo)."""
     parser = OneLineParser(
         prog="vramplan",
         description="Which GPU do I need to fine-tune this model? Analytic peak-memory estimates "
@@ -32,13 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"vramplan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for module in (estimate_cmd, plan_cmd, measure_cmd):
-        module.add_parsers(sub)
+    names = (COMMANDS[command],) if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in names:
+        importlib.import_module(f"vramplan.cli.{name}").add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    args_in = sys.argv[1:] if argv is None else argv
+    parser = build_parser(args_in[0] if args_in else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2 with one line already printed
