@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from vramplan.model.dtypes import Dtypes
 from vramplan.model.inventory import inventory
-from vramplan.model.ledger import (FP32, LayerCtx, Ledger, expert_bytes, frozen_first_input,
-                                   layer_ledger, promote)
+from vramplan.model.ledger import (FP32, LayerCtx, Ledger, frozen_first_input, layer_ledger,
+                                   norm_out_bytes, param_bytes)
 from vramplan.model.terms import PHASES, Term
 from vramplan.model.weights import dequant_bytes
 from vramplan.specs import ModelSpec, TrainSpec
@@ -161,7 +161,7 @@ def moe_backward_term(m: ModelSpec, t: TrainSpec, d: Dtypes, n: int) -> Term:
     ``integrations/moe.py::grouped_mm_experts_forward``, peft ``ParamWrapper``; the order of the
     births and deaths read from the trace engine's event log (mixtral-tiny)."""
     k, i, h = m.num_experts_per_tok, m.intermediate_size, m.hidden_size
-    e = expert_bytes(t, d)
+    e = param_bytes(t, d)
     rows = k * n
     w_down = m.num_local_experts * h * i * e
     weighting = 3 * rows * h * FP32  # the routing weights are fp32: so are these gradients
@@ -207,10 +207,11 @@ def head_terms(m: ModelSpec, t: TrainSpec, d: Dtypes) -> tuple[Term, ...]:
         e_in = d.compute if d.autocast else d.load
         terms.append(Term("activations.lm_head_input", h * e_in * n, "N * h * e",
                           "lm_head (trainable) saves its input", phases=AFTER_LAYERS))
-    elif d.autocast and d.nonquant == FP32:
-        v = m.vocab_size
-        terms.append(Term("activations.lm_head_weight_cast", v * h * 2, "V * h * 2",
-                          "autocast casts the frozen fp32 lm_head to bf16; MmBackward saves it",
+    if lm_head_copied(t, d):
+        terms.append(Term("activations.lm_head_weight_cast", m.vocab_size * h * 2, "V * h * 2",
+                          "autocast casts the fp32 lm_head (trainable or frozen) to bf16 after "
+                          "the layers; its matmul saves the copy until its backward (the "
+                          "trainable case found by the trace engine counted as on CUDA)",
                           phases=LOSS))
     out = final_norm_output_bytes(m, t, d)
     if out:
@@ -225,14 +226,17 @@ def final_norm_output_bytes(m: ModelSpec, t: TrainSpec, d: Dtypes) -> int:
     """Bytes per element of the final norm's output while the loss is computed, where no other
     term counts it (0): ``LlamaForCausalLM.forward`` keeps ``hidden_states`` until it returns the
     loss. A trainable lm_head without autocast saves that very tensor (``lm_head_input``); under
-    autocast it saves a bf16 cast, and the norm's own output (fp32 weight) lives beside it.
-    Llama-style norms return weight · x in the promoted dtype (fp32 after k-bit preparation),
-    Gemma-style ones x's dtype (see :func:`vramplan.model.ledger.rmsnorm`). Found by the trace engine counted as on CUDA (H200 Llama-13B QLoRA mixed: forward peak)."""
+    autocast it saves a bf16 cast, and the norm's own output lives beside it. Found by the trace
+    engine counted as on CUDA (H200 Llama-13B QLoRA mixed: forward peak)."""
     if t.method == "full" and not d.autocast:
         return 0
-    if m.norm_style == "gemma":
-        return d.residual
-    return promote(d.trainable if t.method == "full" else d.nonquant, d.residual)
+    return norm_out_bytes(m, t, d, d.residual)
+
+
+def lm_head_copied(t: TrainSpec, d: Dtypes) -> bool:
+    """Whether autocast makes a bf16 copy of the lm_head weight (an fp32 weight, trainable or
+    frozen: ``cached_cast``), which lm_head's matmul saves for its backward."""
+    return d.autocast and param_bytes(t, d) == FP32
 
 
 def logits_bytes(t: TrainSpec, d: Dtypes) -> int:
@@ -349,23 +353,16 @@ def autocast_cache_terms(m: ModelSpec, t: TrainSpec) -> tuple[Term, ...]:
     linear = [x for x in tensors if x.kind in ("linear", "lora")
               and not x.name.startswith("experts.")]
     per_layer = sum(x.params for x in linear) // m.num_hidden_layers
-    head = sum(x.params for x in tensors if x.kind == "lm_head" or
-               (x.kind == "embed" and m.tie_word_embeddings and t.method == "full"))
     all_phases = FWD if t.grad_ckpt else UNTIL_FIRST_BWD
     layer_phases = (RECOMPUTE + BWD_WORK) if t.grad_ckpt else ("last_layer_backward",)
-    terms = [
+    return (
         Term("activations.autocast_weight_cache", 2 * per_layer * m.num_hidden_layers,
              "2 * P_t(the layers' matmul weights)", "ATen autocast cached_cast of fp32 leaf "
-             "weights requiring grad", phases=all_phases),
+             "weights requiring grad (the lm_head's copy: lm_head_weight_cast)",
+             phases=all_phases),
         Term("activations.layer_weight_casts", 2 * per_layer, "2 * P_t(one layer's matmuls)",
              "autocast copies of the layer being recomputed / run backward", phases=layer_phases),
-    ]
-    if head and t.method == "full":  # a frozen fp32 lm_head's copy: head_terms
-        terms.append(Term("activations.lm_head_weight_cast", 2 * head, "2 * P_t(lm_head)",
-                          "autocast's copy of the trainable lm_head, made after the layers and "
-                          "saved by its matmul until its backward (found by the trace engine "
-                          "counted as on CUDA)", phases=LOSS))
-    return tuple(terms)
+    )
 
 
 def activation_terms(m: ModelSpec, t: TrainSpec, d: Dtypes, led: Ledger | None = None

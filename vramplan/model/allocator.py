@@ -106,7 +106,7 @@ class CachingAllocator:
 
     def malloc(self, nbytes: int, tag: object = "") -> Block:
         """Allocate ``nbytes`` (a tensor's storage); returns the block to pass to :meth:`free`."""
-        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+        n = round_size(nbytes)
         small = n <= K_SMALL_SIZE
         pool = self.pools[small]
         keys = pool.keys
@@ -116,7 +116,7 @@ class CachingAllocator:
         else:
             b = self._grow(n, small, tag)
         rest = b.size - n
-        if rest >= K_MIN_BLOCK if small else rest > K_SMALL_SIZE:  # should_split
+        if should_split(small, rest):
             nxt = b.next
             tail = Block(b.addr + n, rest, small, b, nxt)
             if nxt is not None:
@@ -141,7 +141,7 @@ class CachingAllocator:
         restores the free block it was cut from; only a new segment stays."""
         if nbytes <= 0:
             return
-        n = K_MIN_BLOCK if nbytes < K_MIN_BLOCK else -(-nbytes // K_MIN_BLOCK) * K_MIN_BLOCK
+        n = round_size(nbytes)
         small = n <= K_SMALL_SIZE
         keys = self.pools[small].keys
         i = bisect_left(keys, n << ADDR_BITS)

@@ -139,10 +139,11 @@ def linear(c: LayerCtx, led: Ledger, x: T, lin: Linear) -> T:
             led.held_only.add(x.name)
             led.save(x)
     live_input = 0 if x.name in led.saved else x.width * x.e  # the caller still holds x
-    if c.adapted(lin) and (temps := lora_input_temps(c, x)):
-        # the base result, then the LoRA branch's fp32 copy of x while autocast casts it back
-        led.in_flight(live_input + width * out_e + sum(temps), (width * out_e, *temps), "copy")
     if c.adapted(lin):
+        if temps := lora_input_temps(c, x):
+            # the base result, then the LoRA branch's fp32 copy of x while autocast casts it back
+            led.in_flight(live_input + width * out_e + sum(temps), (width * out_e, *temps),
+                          "copy")
         # ``result + lora_B(lora_A(x)) * scaling``: base result, scaled LoRA output and their sum
         lora_e = d.compute if d.autocast else FP32
         pieces = (width * out_e, width * lora_e, width * promote(out_e, lora_e))
@@ -188,11 +189,15 @@ def rmsnorm(c: LayerCtx, led: Ledger, x: T, name: str, rows: int = 1) -> T:
     gemma = c.m.norm_style == "gemma"
     led.save(cast(x, FP32, f"{name}.x32"))
     led.save(T(f"{name}.rsqrt", rows, FP32))
-    trainable = c.t.method == "full"
-    w_e = c.d.trainable if trainable else c.d.nonquant
-    if trainable:
+    if c.t.method == "full":  # a trainable weight
         led.save(T(f"{name}.normed", x.width, FP32 if gemma else x.e))
-    return T(f"{name}.out", x.width, x.e if gemma else promote(w_e, x.e))
+    return T(f"{name}.out", x.width, norm_out_bytes(c.m, c.t, c.d, x.e))
+
+
+def norm_out_bytes(m: ModelSpec, t: TrainSpec, d: Dtypes, x_e: int) -> int:
+    """Bytes per element of an RMSNorm's output for an input of ``x_e`` bytes: Llama style
+    weight · y in the promoted dtype, Gemma style ``type_as(x)``."""
+    return x_e if m.norm_style == "gemma" else promote(param_bytes(t, d), x_e)
 
 
 def attention(c: LayerCtx, led: Ledger, x: T, lins: dict[str, Linear]) -> T:
@@ -279,9 +284,10 @@ def experts_trainable(c: LayerCtx) -> bool:
     return c.t.method == "full" or inventory(c.m, c.t).all_linear
 
 
-def expert_bytes(t: TrainSpec, d: Dtypes) -> int:
-    """Bytes per element of an MoE's fused expert weights: the trainable dtype in full
-    fine-tuning, else the frozen unquantised parameters' (fp32 after k-bit preparation)."""
+def param_bytes(t: TrainSpec, d: Dtypes) -> int:
+    """Bytes per element of the base model's unquantised parameters (norm weights, lm_head, an
+    MoE's fused experts): the trainable dtype in full fine-tuning, else the frozen ones' (fp32
+    after k-bit preparation)."""
     return d.trainable if t.method == "full" else d.nonquant
 
 
@@ -299,7 +305,7 @@ def moe_mlp(c: LayerCtx, led: Ledger, x: T) -> T:
     ``prepare_model_for_kbit_training`` (found by the engines' cross-check: CPU mixed QLoRA)."""
     m, d, k = c.m, c.d, c.m.num_experts_per_tok
     i, h = m.intermediate_size, m.hidden_size
-    e = expert_bytes(c.t, d)
+    e = param_bytes(c.t, d)
     trainable = experts_trainable(c)
     if trainable:
         led.save(cast(x, d.compute, "router_in_cast") if d.autocast else x)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 from vramplan.model.allocator import Block, CachingAllocator
 from vramplan.model.dtypes import Dtypes
-from vramplan.model.activations import final_norm_output_bytes, logits_bytes
+from vramplan.model.activations import final_norm_output_bytes, lm_head_copied, logits_bytes
 from vramplan.model.layout import Layout, layout, other_grads, trainable_order
-from vramplan.model.ledger import FP32, Ledger, expert_bytes
+from vramplan.model.ledger import FP32, Ledger, param_bytes
 from vramplan.model.optim import state_pieces
 from vramplan.model.weights import int8_bytes, quant_pieces, quantized
 from vramplan.specs import ModelSpec, TrainSpec
@@ -247,7 +247,7 @@ def moe_backward(r: Run, lay: Layout, i: int) -> None:
     the routing weights' backward, the down ``_grouped_mm``'s (the product's gradient and the
     merged stack's), act's and up's, gate_up's. R = k·N routed rows in the experts' dtype."""
     m, n = lay.m, lay.n_tok
-    e = expert_bytes(lay.t, lay.d)
+    e = param_bytes(lay.t, lay.d)
     rows, h, inter = m.num_experts_per_tok * n, m.hidden_size, m.intermediate_size
     w_down = m.num_local_experts * h * inter * e
     a = ("a", i)
@@ -292,7 +292,7 @@ def loss_forward(r: Run, lay: Layout) -> None:
     r.new("final_norm", (4 * m.hidden_size + 4) * n)
     out = final_norm_output_bytes(m, t, d)
     r.new("final_out", m.hidden_size * out * n)  # the forward's hidden_states, until it returns
-    if d.autocast and (d.trainable if t.method == "full" else d.nonquant) == FP32:
+    if lm_head_copied(t, d):
         r.new("lm_head_cast", m.vocab_size * m.hidden_size * 2)  # saved by lm_head's matmul
     e_l = logits_bytes(lay.t, lay.d)
     if d.autocast and out and out != d.compute:  # lm_head's input, cast for its matmul
